@@ -1,0 +1,253 @@
+"""How memkit reaches into an arbitrary HuggingFace decoder without editing it.
+
+:class:`Backbone` finds the decoder layers of a causal LM and offers the two operations every
+injector needs:
+
+* :meth:`Backbone.layer_kv`: let each decoder layer compute keys and values for a sequence of
+  per-layer input vectors (memory), with its own input norm, projections, k-norm and rotary
+  embedding at chosen positions. Each layer is briefly replaced in its ``ModuleList`` by a probe that
+  calls the real layer on the memory vectors with a capturing cache, so everything the model passes to
+  its layers (rotary tables per layer type, masks, ...) comes from the model's own forward.
+* :meth:`Backbone.run_decoder`: run the decoder over token embeddings with a pre-filled cache and
+  temporary per-layer hooks, to read new memory off a forward pass.
+
+Every module swap and hook is undone when the call returns, also on error.
+
+Family-specific facts live in :data:`LAYER_CONTAINERS` and nowhere else.
+
+Shapes (ein notation): ``l`` memory layers, ``p`` positions, ``d`` hidden size, ``n`` tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from memkit.cache import KVCapture, KVCaptured, LayerKV
+from memkit.errors import IncompatibleModelError
+
+__all__ = ["LAYER_CONTAINERS", "Backbone", "LayerHook"]
+
+#: Where a family keeps its decoder layers, when ``get_decoder().layers`` is not it. Everything else
+#: about a family (norms, fused projections, k-norm, rotary per layer type) comes from the model's own
+#: code through the probe, so this table stays small.
+LAYER_CONTAINERS: dict[str, tuple[str, ...]] = {
+    "gpt_neox": ("layers",),
+    "gpt2": ("h",),
+    "falcon": ("h",),
+    "bloom": ("h",),
+}
+
+#: ``hook(layer_index, hidden [b, n, d]) -> hidden [b, n, d] | None``
+LayerHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+class _Probe(nn.Module):
+    """Stands in for one decoder layer during :meth:`Backbone.layer_kv`."""
+
+    def __init__(self, layer: nn.Module, index: int, inputs: torch.Tensor, capture: KVCapture) -> None:
+        super().__init__()
+        self.layer = layer
+        self.index = index
+        self.inputs = inputs
+        self.capture = capture
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        kwargs["past_key_values"] = self.capture
+        kwargs["use_cache"] = True
+        before = set(self.capture.captured)
+        try:
+            self.layer(self.inputs, *args, **kwargs)
+        except KVCaptured:
+            pass
+        new = set(self.capture.captured) - before
+        if len(new) != 1:
+            raise IncompatibleModelError(
+                f"decoder layer {self.index} ({type(self.layer).__name__}) did not hand its keys and values "
+                "to the cache exactly once, so memkit cannot compute memory keys and values with it; "
+                "memkit supports decoder layers that call `past_key_values.update(key, value, layer_idx)`"
+            )
+        self.capture.captured[self.index] = self.capture.captured.pop(new.pop())
+        return hidden_states
+
+
+class Backbone:
+    """A view of a HuggingFace causal LM's decoder, for reading and writing memory.
+
+    Args:
+        model: a ``PreTrainedModel`` with a decoder stack (``model.get_decoder().layers`` or an entry
+            of :data:`LAYER_CONTAINERS`). It is never modified outside a memkit call.
+
+    Raises:
+        IncompatibleModelError: no decoder layer stack could be found, or a layer does not use the
+            ``transformers`` cache API.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        if not isinstance(model, PreTrainedModel):
+            raise IncompatibleModelError(
+                f"memkit wraps a transformers PreTrainedModel, got {type(model).__name__}; "
+                "load the model with AutoModelForCausalLM.from_pretrained(...)"
+            )
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True)
+        self.decoder = self._find_decoder(model)
+        self.layers = self._find_layers(self.decoder, self.config)
+        self.num_layers = len(self.layers)
+        self.hidden_size = int(self.config.hidden_size)
+
+    # -- discovery ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _find_decoder(model: PreTrainedModel) -> nn.Module:
+        try:
+            decoder = model.get_decoder()
+        except (AttributeError, ValueError, NotImplementedError):
+            decoder = None
+        if decoder is None or decoder is model:
+            decoder = getattr(model, model.base_model_prefix, None)
+        if not isinstance(decoder, nn.Module):
+            raise IncompatibleModelError(
+                f"{type(model).__name__} has no decoder stack that memkit can find (tried get_decoder() and "
+                f"`{model.base_model_prefix}`); memkit needs a decoder-only causal LM"
+            )
+        return decoder
+
+    @staticmethod
+    def _find_layers(decoder: nn.Module, config: object) -> nn.ModuleList:
+        model_type = str(getattr(config, "model_type", ""))
+        names = LAYER_CONTAINERS.get(model_type, ("layers",))
+        expected = getattr(config, "num_hidden_layers", None)
+        for name in (*names, "layers", "h", "blocks"):
+            layers = getattr(decoder, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                if expected is not None and len(layers) != expected:
+                    continue
+                return layers
+        raise IncompatibleModelError(
+            f"found no list of {expected} decoder layers in {type(decoder).__name__} (model_type "
+            f"{model_type!r}); if this family keeps its layers elsewhere, add it to "
+            "memkit.backbone.LAYER_CONTAINERS"
+        )
+
+    # -- properties -----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    # -- operations -----------------------------------------------------------------------------------
+
+    def layer_kv(self, inputs: torch.Tensor, position_ids: torch.Tensor) -> list[LayerKV]:
+        """Keys and values that each decoder layer computes for its own input vectors.
+
+        Args:
+            inputs: ``[l, p, d]``, the input of layer ``i`` at each of the ``p`` positions.
+            position_ids: ``[p]``, the position of each vector (it sets the rotary embedding).
+
+        Returns:
+            per layer, ``(keys, values)``, each ``[1, h, p, e]``: exactly what that layer would put
+            in its cache had it seen these vectors as its input.
+        """
+        num, length, _ = inputs.shape
+        if num != self.num_layers:
+            raise IncompatibleModelError(f"memory has {num} layers but the model has {self.num_layers}")
+        capture = KVCapture()
+        dummy = torch.zeros(1, length, self.hidden_size, dtype=inputs.dtype, device=inputs.device)
+        probes = [_Probe(layer, i, inputs[i : i + 1], capture) for i, layer in enumerate(self.layers)]
+        with self._swapped(probes):
+            self.decoder(
+                inputs_embeds=dummy,
+                position_ids=position_ids.to(inputs.device).unsqueeze(0),
+                past_key_values=capture,
+                use_cache=True,
+            )
+        return [capture.captured[i] for i in range(self.num_layers)]
+
+    @contextlib.contextmanager
+    def _swapped(self, probes: Sequence[nn.Module]) -> Iterator[None]:
+        originals = list(self.layers)
+        try:
+            for i, probe in enumerate(probes):
+                self.layers[i] = probe
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    def run_decoder(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: object,
+        attention_mask: torch.Tensor | None = None,
+        pre_hook: LayerHook | None = None,
+        post_hook: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder stack with temporary per-layer hooks.
+
+        Args:
+            inputs_embeds: ``[b, n, d]`` token embeddings.
+            cache: a pre-filled cache (memory keys and values) or ``None``.
+            attention_mask: ``[b, p + n]`` 2-D mask over cache and tokens, or ``None`` for all ones.
+            pre_hook: called with ``(layer_index, layer_input)`` before each layer; may return a
+                replacement input.
+            post_hook: called with ``(layer_index, layer_output)`` after each layer; may return a
+                replacement output.
+
+        Returns:
+            the decoder's last hidden state ``[b, n, d]`` (after its final norm).
+        """
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for i, layer in enumerate(self.layers):
+                if pre_hook is not None:
+                    handles.append(layer.register_forward_pre_hook(_make_pre(i, pre_hook), with_kwargs=True))
+                if post_hook is not None:
+                    handles.append(layer.register_forward_hook(_make_post(i, post_hook)))
+            out = self.decoder(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out.last_hidden_state
+
+
+def _make_pre(index: int, hook: LayerHook) -> Callable[..., object]:
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            hidden = args[0]
+            new = hook(index, hidden)
+            return ((new, *args[1:]), kwargs) if new is not None else None
+        new = hook(index, kwargs["hidden_states"])
+        if new is None:
+            return None
+        return args, {**kwargs, "hidden_states": new}
+
+    return pre
+
+
+def _make_post(index: int, hook: LayerHook) -> Callable[..., object]:
+    def post(module: nn.Module, args: tuple, output: object) -> object:
+        if isinstance(output, tuple):
+            new = hook(index, output[0])
+            return (new, *output[1:]) if new is not None else None
+        assert isinstance(output, torch.Tensor)
+        return hook(index, output)
+
+    return post

@@ -1,0 +1,1 @@
+"""memkit's built-in parts, registered from :data:`memkit.plugins.DEFAULT_PLUGINS`."""

@@ -1,0 +1,463 @@
+"""``MemkitModel``: a HuggingFace causal LM with memory, built from a recipe."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel
+
+from memkit import __version__
+from memkit.backbone import Backbone
+from memkit.cache import MemoryCache, build_memory_cache
+from memkit.errors import (
+    EmptyInputError,
+    IncompatibleModelError,
+    InputError,
+    MemoryStateError,
+    MissingTokenizerError,
+    RecipeError,
+    UnwrappedError,
+)
+from memkit.interfaces import Injector, MemoryPool, MemoryPrefix
+from memkit.plugins import get_registry
+from memkit.recipe import PartSpec, Recipe
+from memkit.state import read_state, write_state
+
+__all__ = ["Injection", "MemkitModel"]
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What one :meth:`MemkitModel.inject` call wrote.
+
+    Attributes:
+        source: the provenance id given to every vector this call wrote (see ``MemkitModel.sources``).
+        num_tokens: tokens injected.
+        num_chunks: chunks (pool writes) they were cut into.
+    """
+
+    source: int
+    num_tokens: int
+    num_chunks: int
+
+
+def _build_part(kind: str, spec: PartSpec, recipe: Recipe, **kwargs: Any) -> Any:
+    from pydantic import ValidationError
+
+    cls = get_registry().get(kind, spec.name)
+    try:
+        config = cls.Config(**spec.options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        valid = ", ".join(cls.Config.model_fields)
+        raise RecipeError(
+            f"recipe {recipe.name!r}: [{kind}] {spec.name!r} has invalid options: {problems}. "
+            f"Valid options: {valid}"
+        ) from None
+    return cls(config, **kwargs)
+
+
+class MemkitModel(nn.Module):
+    """A causal LM with latent memory: :meth:`inject` text, then :meth:`generate` from memory.
+
+    Build it with :func:`memkit.wrap`. The base model is held as ``base_model`` and never modified:
+    memory reaches it as a pre-filled ``transformers`` cache, and hooks exist only during a call.
+
+    Args:
+        model: the HuggingFace causal LM.
+        recipe: a validated :class:`~memkit.recipe.Recipe`.
+        tokenizer: optional tokenizer; needed to :meth:`inject` text.
+    """
+
+    def __init__(self, model: PreTrainedModel, recipe: Recipe, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.backbone = Backbone(model)
+        self.base_model = model
+        self.recipe = recipe
+        self.tokenizer = tokenizer
+        bb = self.backbone
+        self.pool: MemoryPool = _build_part(
+            "pool", recipe.pool, recipe, num_layers=bb.num_layers, hidden_size=bb.hidden_size,
+            device=bb.device, dtype=bb.dtype,
+        )
+        self.injector: Injector = _build_part(
+            "injector", recipe.injector, recipe, backbone=bb, write_size=self.pool.write_size
+        )
+        if recipe.store is not None or recipe.retriever is not None:
+            raise RecipeError(
+                f"recipe {recipe.name!r} names a long-term store or retriever; this memkit version builds "
+                "recipes from a pool and an injector only"
+            )
+        self._check_recipe_fits()
+        self._check_layers_carry_memory()
+        self._prefix_key: tuple[Any, ...] | None = None
+        self._prefix: MemoryPrefix | None = None
+        self._next_source = 0
+        self.source_labels: dict[int, str] = {}
+        self._unwrapped = False
+
+    # -- validation -----------------------------------------------------------------------------------
+
+    def _check_recipe_fits(self) -> None:
+        recipe, cfg = self.recipe, self.backbone.config
+        window = getattr(cfg, "max_position_embeddings", None)
+        bos = 1 if getattr(self.injector, "bos_embedding", None) is not None else 0
+        if window is not None and bos + self.pool.capacity >= int(window):
+            raise RecipeError(
+                f"recipe {recipe.name!r} keeps {self.pool.capacity} memory vectors per layer (positions 0.."
+                f"{bos + self.pool.capacity - 1}), which leaves no room in {cfg.model_type}'s window of {window} "
+                "positions; lower pool.capacity, e.g. wrap(model, recipe, pool={'capacity': ...})"
+            )
+        capture = getattr(self.injector.config, "capture", None)
+        if capture == "input" and recipe.chunk_size > self.pool.write_size:
+            raise RecipeError(
+                f"recipe {recipe.name!r} captures layer inputs but cuts chunks of {recipe.chunk_size} tokens while "
+                f"a write keeps only K={self.pool.write_size}; the tokens in between would be lost. "
+                "Set chunk_size <= pool.write_size"
+            )
+
+    def _check_layers_carry_memory(self) -> None:
+        bb = self.backbone
+        probe = torch.zeros(bb.num_layers, 1, bb.hidden_size, device=bb.device, dtype=bb.dtype)
+        with torch.no_grad():
+            kv = bb.layer_kv(probe, torch.zeros(1, dtype=torch.long, device=bb.device))
+        if len(kv) != bb.num_layers:
+            raise IncompatibleModelError(f"only {len(kv)} of {bb.num_layers} layers produced keys and values")
+
+    def _alive(self) -> None:
+        if self._unwrapped:
+            raise UnwrappedError("this MemkitModel was unwrapped; call memkit.wrap(model, ...) again to use memory")
+
+    # -- properties -------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        """The base model's config."""
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def memory_size(self) -> int:
+        """Vectors held per memory layer now."""
+        return self.pool.size
+
+    def sources(self) -> torch.Tensor:
+        """Provenance id of each pool vector, ``[l, s]``; :attr:`source_labels` names them."""
+        return self.pool.sources()
+
+    # -- memory prefix ------------------------------------------------------------------------------------
+
+    def _param_state(self) -> tuple[Any, ...]:
+        return (self.device, self.backbone.dtype, sum(p._version for p in self.parameters()))
+
+    def memory_prefix(self) -> MemoryPrefix:
+        """Per-layer memory keys and values for reading, computed once per memory version.
+
+        With gradients enabled and trainable parameters present, they are recomputed on every call so
+        that the loss reaches those parameters.
+        """
+        self._alive()
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        key = (self.pool.version, *self._param_state())
+        if not training and self._prefix is not None and self._prefix_key == key:
+            return self._prefix
+        prefix = self.injector.prefix(self.pool.read())
+        if training:
+            return prefix
+        self._prefix, self._prefix_key = prefix, key
+        return prefix
+
+    def _invalidate(self) -> None:
+        self._prefix, self._prefix_key = None, None
+
+    # -- inputs --------------------------------------------------------------------------------------------
+
+    def _token_ids(self, data: str | Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
+        if isinstance(data, str):
+            if not data.strip():
+                raise EmptyInputError(f"{what}: got an empty string; give some text to inject")
+            if self.tokenizer is None:
+                raise MissingTokenizerError(
+                    f"{what}: got text but no tokenizer; pass tokenizer= to memkit.wrap, or give token ids"
+                )
+            ids = torch.tensor(self.tokenizer(data, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        elif isinstance(data, torch.Tensor):
+            ids = data
+        elif isinstance(data, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
+            ids = torch.tensor(list(data), dtype=torch.long)
+        else:
+            raise InputError(
+                f"{what}: expected text, a list of token ids or a LongTensor, got {type(data).__name__}"
+            )
+        if ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
+            raise InputError(f"{what}: token ids must be integers, got a {ids.dtype} tensor")
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise InputError(
+                    f"{what}: got a batch of {ids.shape[0]} rows; memory is shared, so inject one text at a time"
+                )
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise InputError(f"{what}: token ids must be [n] or [1, n], got shape {list(ids.shape)}")
+        if ids.numel() == 0:
+            raise EmptyInputError(f"{what}: got zero tokens; give at least one token to inject")
+        self._check_vocab(ids, what)
+        return ids.long()
+
+    def _check_vocab(self, ids: torch.Tensor, what: str) -> None:
+        vocab = self.backbone.embeddings.weight.shape[0]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise InputError(f"{what}: token ids must be in [0, {vocab}), got values from {lo} to {hi}")
+
+    def _check_batch(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        if input_ids is None:
+            raise InputError("input_ids are required (memkit does not take inputs_embeds)")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise InputError(f"input_ids must be a [batch, length] LongTensor, got {getattr(input_ids, 'shape', input_ids)}")
+        if input_ids.shape[1] == 0:
+            raise EmptyInputError("input_ids has zero tokens")
+        if input_ids.device != self.device:
+            raise InputError(
+                f"input_ids are on {input_ids.device} but the model is on {self.device}; move them with .to(model.device)"
+            )
+        if input_ids.is_floating_point():
+            raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        self._check_vocab(input_ids, "input_ids")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise InputError(
+                f"attention_mask has shape {list(attention_mask.shape)} but input_ids {list(input_ids.shape)}"
+            )
+
+    # -- write ---------------------------------------------------------------------------------------------
+
+    def inject(
+        self, data: str | Sequence[int] | torch.Tensor, *, label: str | None = None, progress: bool = False
+    ) -> Injection:
+        """Write text (or token ids) into memory, one chunk of ``recipe.chunk_size`` tokens at a time.
+
+        Args:
+            data: text (needs a tokenizer; tokenised without special tokens), token ids ``[n]`` or ``[1, n]``.
+            label: optional name of this text, kept in :attr:`source_labels` and in saved memory.
+            progress: show a progress bar over the chunks.
+
+        Returns:
+            an :class:`Injection` naming the provenance id of what was written.
+
+        Runs under the caller's grad mode (training wraps it in a grad-enabled context). If any chunk
+        fails, the memory is restored to what it was before the call.
+        """
+        self._alive()
+        ids = self._token_ids(data, "inject")
+        size = self.recipe.chunk_size
+        chunks = [ids[i : i + size] for i in range(0, ids.numel(), size)]
+        source = self._next_source
+        snapshot = self.pool.snapshot()
+        try:
+            for chunk in tqdm(chunks, desc="inject", unit="chunk", disable=not progress):
+                new = self.injector.capture(chunk.unsqueeze(0).to(self.device), self.pool.read())
+                if not torch.isfinite(new).all():
+                    raise InputError(
+                        "the model produced NaN or infinite hidden states for this text; memory is unchanged"
+                    )
+                self.pool.write(new, source)
+        except BaseException:
+            self.pool.load_state_dict(snapshot)
+            raise
+        finally:
+            self._invalidate()
+        self._next_source += 1
+        if label is not None:
+            self.source_labels[source] = label
+        return Injection(source=source, num_tokens=int(ids.numel()), num_chunks=len(chunks))
+
+    def reset_memory(self) -> None:
+        """Empty the memory (the pool returns to its initial state); weights are untouched."""
+        self._alive()
+        self.pool.reset()
+        self.source_labels.clear()
+        self._next_source = 0
+        self._invalidate()
+
+    # -- read ----------------------------------------------------------------------------------------------
+
+    def _memory_cache(self, batch_size: int) -> MemoryCache | None:
+        prefix = self.memory_prefix()
+        if prefix.length == 0:
+            return None
+        return build_memory_cache(self.base_model.config, prefix.layer_kv, batch_size)
+
+    @staticmethod
+    def _widen_mask(mask: torch.Tensor | None, input_ids: torch.Tensor, memory: int) -> torch.Tensor:
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        ones = torch.ones(mask.shape[0], memory, dtype=mask.dtype, device=mask.device)
+        return torch.cat([ones, mask], dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: MemoryCache | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's forward, reading memory. Same arguments and outputs as the base model.
+
+        ``input_ids`` ``[b, n]``; ``attention_mask`` ``[b, n]`` (padding), widened here to cover memory;
+        ``labels`` ``[b, n]`` give ``loss``. Passing back the ``past_key_values`` of an earlier call
+        continues from it (memory is already in it). Positions follow from the mask: the first real token
+        of each row sits right after memory.
+        """
+        self._alive()
+        if "inputs_embeds" in kwargs:
+            raise InputError("memkit's forward takes input_ids, not inputs_embeds")
+        self._check_batch(input_ids, attention_mask)
+        assert input_ids is not None
+        if past_key_values is None:
+            cache = self._memory_cache(input_ids.shape[0])
+            past = 0
+        elif isinstance(past_key_values, MemoryCache):
+            cache, past = past_key_values, past_key_values.get_seq_length() - past_key_values.memory_length
+        else:
+            raise InputError(
+                "past_key_values must be a cache returned by this MemkitModel (a memkit MemoryCache); "
+                f"got {type(past_key_values).__name__}"
+            )
+        memory = cache.memory_length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if past:
+            prev = torch.ones(input_ids.shape[0], past, dtype=attention_mask.dtype, device=attention_mask.device)
+            attention_mask = torch.cat([prev, attention_mask], dim=1)
+        full_mask = self._widen_mask(attention_mask, input_ids, memory)
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            labels=labels,
+            use_cache=kwargs.pop("use_cache", cache is not None),
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        """The base model's ``generate`` (greedy, sampling, beam search; any batch), reading memory.
+
+        Takes the same arguments as ``transformers``' ``generate`` except ``past_key_values`` (memkit
+        supplies the cache) and ``inputs_embeds``. Returns what it returns: ``input_ids`` followed by the
+        new tokens (memory is not part of the returned sequences).
+        """
+        self._alive()
+        for key in ("past_key_values", "inputs_embeds"):
+            if key in kwargs:
+                raise InputError(f"memkit's generate does not take {key}; memory supplies the cache")
+        self._check_batch(input_ids, attention_mask)
+        assert input_ids is not None
+        base_config = kwargs.get("generation_config") or self.base_model.generation_config or GenerationConfig()
+        beams = int(kwargs.get("num_beams") or getattr(base_config, "num_beams", 1) or 1)
+        returns = int(kwargs.get("num_return_sequences") or getattr(base_config, "num_return_sequences", 1) or 1)
+        rows = input_ids.shape[0] * max(beams, returns)
+        cache = self._memory_cache(rows)
+        if cache is None:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        full_mask = self._widen_mask(attention_mask, input_ids, cache.memory_length)
+        return self.base_model.generate(
+            input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, **kwargs
+        )
+
+    # -- persistence -------------------------------------------------------------------------------------
+
+    def _fingerprint(self) -> dict[str, Any]:
+        cfg = self.backbone.config
+        return {
+            "model_type": str(getattr(cfg, "model_type", "")),
+            "num_layers": self.backbone.num_layers,
+            "hidden_size": self.backbone.hidden_size,
+            "pool": self.recipe.pool.name,
+            "capacity": self.pool.capacity,
+            "write_size": self.pool.write_size,
+        }
+
+    def save_memory(self, path: str | os.PathLike[str]) -> None:
+        """Save the memory state (not the weights) to one safetensors file, atomically.
+
+        The file records the model and recipe shape it was made for; :meth:`load_memory` refuses it
+        for another.
+        """
+        self._alive()
+        tensors = {f"pool.{name}": t for name, t in self.pool.state_dict().items()}
+        meta = {
+            "memkit_version": __version__,
+            "recipe": self.recipe.name,
+            "fingerprint": self._fingerprint(),
+            "dtype": str(self.pool.dtype).removeprefix("torch."),
+            "next_source": self._next_source,
+            "source_labels": {str(k): v for k, v in self.source_labels.items()},
+        }
+        write_state(path, tensors, meta)
+
+    def load_memory(self, path: str | os.PathLike[str]) -> None:
+        """Replace the memory with the state saved in ``path``.
+
+        Raises:
+            MemoryStateError: the file is missing, corrupted, of another format version, or made for a model
+                or recipe of another shape (the message lists what differs). The memory is unchanged then.
+        """
+        self._alive()
+        tensors, meta = read_state(path)
+        theirs, ours = meta.get("fingerprint", {}), self._fingerprint()
+        diffs = [f"{k}: file has {theirs.get(k)!r}, this model has {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+        if diffs:
+            raise MemoryStateError(
+                f"memory file {path} was made for another model or recipe ({'; '.join(diffs)}); "
+                "load it into a model wrapped the same way, or start from an empty memory"
+            )
+        pool_state = {name[len("pool."):]: t for name, t in tensors.items() if name.startswith("pool.")}
+        snapshot = self.pool.snapshot()
+        try:
+            self.pool.load_state_dict(pool_state)
+        except BaseException:
+            self.pool.load_state_dict(snapshot)
+            raise
+        finally:
+            self._invalidate()
+        self._next_source = int(meta.get("next_source", 0))
+        self.source_labels = {int(k): str(v) for k, v in meta.get("source_labels", {}).items()}
+
+    # -- unwrap --------------------------------------------------------------------------------------------
+
+    def unwrap(self) -> PreTrainedModel:
+        """Detach memkit and return the base model exactly as it was before :func:`memkit.wrap`.
+
+        memkit leaves no hook or module behind between calls, so this only releases memkit's own state;
+        the wrapper cannot be used afterwards.
+        """
+        self._alive()
+        model = self.base_model
+        self._invalidate()
+        self._unwrapped = True
+        del self.base_model
+        return model
+
+    def __repr__(self) -> str:
+        if self._unwrapped:
+            return "MemkitModel(<unwrapped>)"
+        return (
+            f"MemkitModel(recipe={self.recipe.name!r}, model={type(self.base_model).__name__}, "
+            f"layers={self.backbone.num_layers}, memory={self.pool.size}/{self.pool.capacity}, "
+            f"K={self.pool.write_size})"
+        )

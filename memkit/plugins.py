@@ -1,0 +1,144 @@
+"""Loading memkit's plugins.
+
+Built-in parts are registered explicitly from :data:`DEFAULT_PLUGINS`. Third-party plugins are found
+through the ``memkit`` entry-point group, unless the environment variable
+``MEMKIT_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value other than ``0``. The registry is
+built lazily, once, the first time memkit needs it; :func:`reset` forgets it (for tests).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from typing import Any
+
+import pluggy
+
+from memkit import hookspecs
+from memkit.errors import MemkitError, PluginError
+from memkit.registry import Registry
+
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "DISABLE_AUTOLOAD_ENV",
+    "ENTRY_POINT_GROUP",
+    "get_plugin_manager",
+    "get_registry",
+    "reset",
+]
+
+#: Modules whose hooks register memkit's built-in parts and recipes.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "memkit.builtin.pool",
+    "memkit.builtin.injector",
+    "memkit.builtin.recipes",
+)
+#: The entry-point group third-party plugins declare.
+ENTRY_POINT_GROUP = "memkit"
+#: Set to a non-empty value (other than ``0``) to skip entry-point plugins.
+DISABLE_AUTOLOAD_ENV = "MEMKIT_DISABLE_PLUGIN_AUTOLOAD"
+
+_HOOKS = ("register_pools", "register_stores", "register_retrievers", "register_injectors", "register_recipes")
+_lock = threading.Lock()
+_pm: pluggy.PluginManager | None = None
+_registry: Registry | None = None
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("", "0")
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with built-ins and (unless disabled) entry-point plugins."""
+    global _pm
+    with _lock:
+        if _pm is None:
+            pm = pluggy.PluginManager("memkit")
+            pm.add_hookspecs(hookspecs)
+            for module_path in DEFAULT_PLUGINS:
+                pm.register(importlib.import_module(module_path), name=module_path)
+            if not _autoload_disabled():
+                try:
+                    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+                except Exception as exc:  # a broken third-party package must say which one
+                    raise PluginError(
+                        f"loading a plugin from the {ENTRY_POINT_GROUP!r} entry-point group failed: {exc!r}; "
+                        f"uninstall or fix that plugin, or set {DISABLE_AUTOLOAD_ENV}=1 to skip plugins"
+                    ) from exc
+            try:
+                pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"a memkit plugin implements an unknown hook: {exc}") from exc
+            _pm = pm
+        return _pm
+
+
+def build_registry(pm: pluggy.PluginManager) -> Registry:
+    """Call every ``register_*`` hook of every plugin of ``pm`` into a fresh :class:`Registry`.
+
+    Each hook implementation is called on its own so that the registry knows which plugin registered
+    what, and can name both registrants of a duplicate.
+    """
+    registry = Registry()
+    for hook_name in _HOOKS:
+        caller = getattr(pm.hook, hook_name)
+        for impl in caller.get_hookimpls():  # in registration order
+            registry.current_registrant = impl.plugin_name
+            try:
+                impl.function(registry=registry)
+            except MemkitError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} raised {exc!r} in its {hook_name} hook; fix or uninstall it, "
+                    f"or set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party plugins"
+                ) from exc
+        registry.current_registrant = "<direct call>"
+    return registry
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    pm = get_plugin_manager()
+    with _lock:
+        if _registry is None:
+            _registry = build_registry(pm)
+        return _registry
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> None:
+    """Register a plugin object or module at run time and rebuild the registry.
+
+    Raises :class:`~memkit.errors.RegistrationError` (and leaves nothing registered) if the plugin's
+    registrations clash with what is already there.
+    """
+    global _registry
+    pm = get_plugin_manager()
+    plugin_name = pm.register(plugin, name=name)
+    try:
+        new = build_registry(pm)
+    except BaseException:
+        pm.unregister(name=plugin_name)
+        raise
+    with _lock:
+        _registry = new
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered with :func:`register_plugin` and rebuild the registry."""
+    global _registry
+    pm = get_plugin_manager()
+    pm.unregister(name=name)
+    new = build_registry(pm)
+    with _lock:
+        _registry = new
+
+
+def reset() -> None:
+    """Forget the plugin manager and registry; the next use loads everything again."""
+    global _pm, _registry
+    with _lock:
+        _pm = None
+        _registry = None

@@ -1,0 +1,1 @@
+"""memkit's built-in recipe files (TOML), installed as the ``memkit.recipes`` package."""
