@@ -10,8 +10,9 @@ mem.generate(**tokenizer("Question: ...", return_tensors="pt"), max_new_tokens=3
 
 __version__ = "0.1.0"
 
-from memkit.config import MemkitConfig  # noqa: E402
-from memkit.errors import (  # noqa: E402
+from memkit.api import list_recipes, wrap
+from memkit.config import MemkitConfig
+from memkit.errors import (
     EmptyInputError,
     IncompatibleModelError,
     InputError,
@@ -24,12 +25,19 @@ from memkit.errors import (  # noqa: E402
     UnknownComponentError,
     UnwrappedError,
 )
-from memkit.hookspecs import hookimpl  # noqa: E402
-from memkit.interfaces import Evicted, Injector, LongTermStore, MemoryPool, MemoryPrefix, Retriever, StoreEntries  # noqa: E402
-from memkit.model import Injection, MemkitModel  # noqa: E402
-from memkit.recipe import PartSpec, Recipe, load_recipe  # noqa: E402
-from memkit.registry import Registry  # noqa: E402
-from memkit.api import list_recipes, wrap  # noqa: E402
+from memkit.hookspecs import hookimpl
+from memkit.interfaces import (
+    Evicted,
+    Injector,
+    LongTermStore,
+    MemoryPool,
+    MemoryPrefix,
+    Retriever,
+    StoreEntries,
+)
+from memkit.model import Injection, MemkitModel
+from memkit.recipe import PartSpec, Recipe, load_recipe
+from memkit.registry import Registry
 
 __all__ = [
     "EmptyInputError",
@@ -50,8 +58,8 @@ __all__ = [
     "PluginError",
     "Recipe",
     "RecipeError",
-    "Registry",
     "RegistrationError",
+    "Registry",
     "Retriever",
     "StoreEntries",
     "UnknownComponentError",

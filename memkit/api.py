@@ -16,7 +16,11 @@ __all__ = ["list_recipes", "wrap"]
 
 
 def wrap(
-    model: PreTrainedModel, recipe: str | Path | Recipe = "training-free", *, tokenizer: Any = None, **overrides: Any
+    model: PreTrainedModel,
+    recipe: str | Path | Recipe = "training-free",
+    *,
+    tokenizer: Any = None,
+    **overrides: Any,
 ) -> MemkitModel:
     """Give a HuggingFace causal LM a memory built from ``recipe``.
 

@@ -60,10 +60,8 @@ class _Probe(nn.Module):
         kwargs["past_key_values"] = self.capture
         kwargs["use_cache"] = True
         before = set(self.capture.captured)
-        try:
+        with contextlib.suppress(KVCaptured):
             self.layer(self.inputs, *args, **kwargs)
-        except KVCaptured:
-            pass
         new = set(self.capture.captured) - before
         if len(new) != 1:
             raise IncompatibleModelError(
@@ -146,7 +144,15 @@ class Backbone:
 
     @property
     def embeddings(self) -> nn.Module:
+        """The model's input embedding module."""
         return self.model.get_input_embeddings()
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: token ids must be below this."""
+        weight = self.embeddings.weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0])
 
     # -- operations -----------------------------------------------------------------------------------
 

@@ -72,8 +72,7 @@ def _user_turn(tokenizer: Any, question: str) -> str:
 
 def _answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return str(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
 
 
@@ -90,8 +89,7 @@ def run_demo(
 
     Returns the wrapper (with the document in memory) and one :class:`DemoResult` per question.
     """
-    mem = memkit.wrap(model, recipe, tokenizer=tokenizer, chunk_size=chunk_size,
-                      pool={"write_size": chunk_size})
+    mem = memkit.wrap(model, recipe, tokenizer=tokenizer, chunk_size=chunk_size, pool={"write_size": chunk_size})
     mem.inject(_chat(tokenizer, SYSTEM + document, None), label="document")
     results = []
     with torch.no_grad():
@@ -134,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory_hits = sum(r.hit(r.from_memory) for r in results)
     prompt_hits = sum(r.hit(r.in_prompt) for r in results)
     none_hits = sum(r.hit(r.no_document) for r in results)
-    print(f"\nAnswered from memory alone: {memory_hits}/{total}  "
-          f"(document in the prompt: {prompt_hits}/{total}; no document: {none_hits}/{total})")
+    print(
+        f"\nAnswered from memory alone: {memory_hits}/{total}  "
+        f"(document in the prompt: {prompt_hits}/{total}; no document: {none_hits}/{total})"
+    )
     mem.unwrap()
     return 0
 

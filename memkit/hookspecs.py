@@ -36,13 +36,12 @@ hookimpl = pluggy.HookimplMarker("memkit")
 def register_pools(registry: Registry) -> None:
     """Register :class:`~memkit.interfaces.MemoryPool` classes.
 
-    :param registry: call ``registry.add_pool(cls)`` for each pool class; ``cls.name`` is the name a
-        recipe uses. A duplicate name or a class that is not a ``MemoryPool`` with a ``Config`` raises
-        :class:`~memkit.errors.RegistrationError` naming both registrants.
+    Args:
+        registry: call ``registry.add_pool(cls)`` for each pool class; ``cls.name`` is the name a
+            recipe uses. A duplicate name or a class that is not a ``MemoryPool`` with a ``Config`` raises
+            :class:`~memkit.errors.RegistrationError` naming both registrants.
 
-    Called once per plugin; the return value is ignored.
-
-    .. versionadded:: 0.1
+    Called once per plugin; the return value is ignored. Added in memkit 0.1.
     """
 
 
@@ -50,11 +49,10 @@ def register_pools(registry: Registry) -> None:
 def register_stores(registry: Registry) -> None:
     """Register :class:`~memkit.interfaces.LongTermStore` classes.
 
-    :param registry: call ``registry.add_store(cls)`` for each store class.
+    Args:
+        registry: call ``registry.add_store(cls)`` for each store class.
 
-    Called once per plugin; the return value is ignored.
-
-    .. versionadded:: 0.1
+    Called once per plugin; the return value is ignored. Added in memkit 0.1.
     """
 
 
@@ -62,11 +60,10 @@ def register_stores(registry: Registry) -> None:
 def register_retrievers(registry: Registry) -> None:
     """Register :class:`~memkit.interfaces.Retriever` classes.
 
-    :param registry: call ``registry.add_retriever(cls)`` for each retriever class.
+    Args:
+        registry: call ``registry.add_retriever(cls)`` for each retriever class.
 
-    Called once per plugin; the return value is ignored.
-
-    .. versionadded:: 0.1
+    Called once per plugin; the return value is ignored. Added in memkit 0.1.
     """
 
 
@@ -74,11 +71,10 @@ def register_retrievers(registry: Registry) -> None:
 def register_injectors(registry: Registry) -> None:
     """Register :class:`~memkit.interfaces.Injector` classes.
 
-    :param registry: call ``registry.add_injector(cls)`` for each injector class.
+    Args:
+        registry: call ``registry.add_injector(cls)`` for each injector class.
 
-    Called once per plugin; the return value is ignored.
-
-    .. versionadded:: 0.1
+    Called once per plugin; the return value is ignored. Added in memkit 0.1.
     """
 
 
@@ -91,11 +87,10 @@ def register_injectors(registry: Registry) -> None:
 def register_recipes(registry: Registry) -> None:
     """Register recipes by name.
 
-    :param registry: call ``registry.add_recipe(name, source)`` where ``source`` is the path of a
-        recipe TOML file or a :class:`~memkit.recipe.Recipe`. ``memkit.list_recipes()`` lists them and
-        ``memkit.wrap(model, recipe=name)`` uses them.
+    Args:
+        registry: call ``registry.add_recipe(name, source)`` where ``source`` is the path of a
+            recipe TOML file or a :class:`~memkit.recipe.Recipe`. ``memkit.list_recipes()`` lists them and
+            ``memkit.wrap(model, recipe=name)`` uses them.
 
-    Called once per plugin; the return value is ignored.
-
-    .. versionadded:: 0.1
+    Called once per plugin; the return value is ignored. Added in memkit 0.1.
     """

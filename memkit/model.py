@@ -57,8 +57,7 @@ def _build_part(kind: str, spec: PartSpec, recipe: Recipe, **kwargs: Any) -> Any
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         valid = ", ".join(cls.Config.model_fields)
         raise RecipeError(
-            f"recipe {recipe.name!r}: [{kind}] {spec.name!r} has invalid options: {problems}. "
-            f"Valid options: {valid}"
+            f"recipe {recipe.name!r}: [{kind}] {spec.name!r} has invalid options: {problems}. Valid options: {valid}"
         ) from None
     return cls(config, **kwargs)
 
@@ -83,8 +82,13 @@ class MemkitModel(nn.Module):
         self.tokenizer = tokenizer
         bb = self.backbone
         self.pool: MemoryPool = _build_part(
-            "pool", recipe.pool, recipe, num_layers=bb.num_layers, hidden_size=bb.hidden_size,
-            device=bb.device, dtype=bb.dtype,
+            "pool",
+            recipe.pool,
+            recipe,
+            num_layers=bb.num_layers,
+            hidden_size=bb.hidden_size,
+            device=bb.device,
+            dtype=bb.dtype,
         )
         self.injector: Injector = _build_part(
             "injector", recipe.injector, recipe, backbone=bb, write_size=self.pool.write_size
@@ -195,9 +199,7 @@ class MemkitModel(nn.Module):
         elif isinstance(data, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
             ids = torch.tensor(list(data), dtype=torch.long)
         else:
-            raise InputError(
-                f"{what}: expected text, a list of token ids or a LongTensor, got {type(data).__name__}"
-            )
+            raise InputError(f"{what}: expected text, a list of token ids or a LongTensor, got {type(data).__name__}")
         if ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
             raise InputError(f"{what}: token ids must be integers, got a {ids.dtype} tensor")
         if ids.dim() == 2:
@@ -214,7 +216,7 @@ class MemkitModel(nn.Module):
         return ids.long()
 
     def _check_vocab(self, ids: torch.Tensor, what: str) -> None:
-        vocab = self.backbone.embeddings.weight.shape[0]
+        vocab = self.backbone.vocab_size
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab:
             raise InputError(f"{what}: token ids must be in [0, {vocab}), got values from {lo} to {hi}")
@@ -223,7 +225,9 @@ class MemkitModel(nn.Module):
         if input_ids is None:
             raise InputError("input_ids are required (memkit does not take inputs_embeds)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise InputError(f"input_ids must be a [batch, length] LongTensor, got {getattr(input_ids, 'shape', input_ids)}")
+            raise InputError(
+                f"input_ids must be a [batch, length] LongTensor, got {getattr(input_ids, 'shape', input_ids)}"
+            )
         if input_ids.shape[1] == 0:
             raise EmptyInputError("input_ids has zero tokens")
         if input_ids.device != self.device:
@@ -367,17 +371,16 @@ class MemkitModel(nn.Module):
                 raise InputError(f"memkit's generate does not take {key}; memory supplies the cache")
         self._check_batch(input_ids, attention_mask)
         assert input_ids is not None
+        model: Any = self.base_model
         base_config = kwargs.get("generation_config") or self.base_model.generation_config or GenerationConfig()
         beams = int(kwargs.get("num_beams") or getattr(base_config, "num_beams", 1) or 1)
         returns = int(kwargs.get("num_return_sequences") or getattr(base_config, "num_return_sequences", 1) or 1)
         rows = input_ids.shape[0] * max(beams, returns)
         cache = self._memory_cache(rows)
         if cache is None:
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         full_mask = self._widen_mask(attention_mask, input_ids, cache.memory_length)
-        return self.base_model.generate(
-            input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, **kwargs
-        )
+        return model.generate(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, **kwargs)
 
     # -- persistence -------------------------------------------------------------------------------------
 
@@ -420,13 +423,15 @@ class MemkitModel(nn.Module):
         self._alive()
         tensors, meta = read_state(path)
         theirs, ours = meta.get("fingerprint", {}), self._fingerprint()
-        diffs = [f"{k}: file has {theirs.get(k)!r}, this model has {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+        diffs = [
+            f"{k}: file has {theirs.get(k)!r}, this model has {v!r}" for k, v in ours.items() if theirs.get(k) != v
+        ]
         if diffs:
             raise MemoryStateError(
                 f"memory file {path} was made for another model or recipe ({'; '.join(diffs)}); "
                 "load it into a model wrapped the same way, or start from an empty memory"
             )
-        pool_state = {name[len("pool."):]: t for name, t in tensors.items() if name.startswith("pool.")}
+        pool_state = {name[len("pool.") :]: t for name, t in tensors.items() if name.startswith("pool.")}
         snapshot = self.pool.snapshot()
         try:
             self.pool.load_state_dict(pool_state)

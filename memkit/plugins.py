@@ -9,6 +9,7 @@ built lazily, once, the first time memkit needs it; :func:`reset` forgets it (fo
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import threading
 from typing import Any
@@ -39,14 +40,37 @@ ENTRY_POINT_GROUP = "memkit"
 #: Set to a non-empty value (other than ``0``) to skip entry-point plugins.
 DISABLE_AUTOLOAD_ENV = "MEMKIT_DISABLE_PLUGIN_AUTOLOAD"
 
-_HOOKS = ("register_pools", "register_stores", "register_retrievers", "register_injectors", "register_recipes")
-_lock = threading.Lock()
+_HOOKS = (
+    "register_pools",
+    "register_stores",
+    "register_retrievers",
+    "register_injectors",
+    "register_recipes",
+)
+_lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
 
 
 def _autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("", "0")
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every plugin of the ``memkit`` entry-point group, naming the culprit if one fails."""
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            dist_name = dist.metadata["Name"] if dist.metadata else "?"
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party package must say which one
+                raise PluginError(
+                    f"the memkit plugin {ep.name!r} ({ep.value}) from distribution {dist_name!r} failed to import: "
+                    f"{exc!r}; fix or uninstall {dist_name}, or set {DISABLE_AUTOLOAD_ENV}=1 to skip plugins"
+                ) from exc
+            pm.register(plugin, name=ep.name)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -59,13 +83,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
             for module_path in DEFAULT_PLUGINS:
                 pm.register(importlib.import_module(module_path), name=module_path)
             if not _autoload_disabled():
-                try:
-                    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-                except Exception as exc:  # a broken third-party package must say which one
-                    raise PluginError(
-                        f"loading a plugin from the {ENTRY_POINT_GROUP!r} entry-point group failed: {exc!r}; "
-                        f"uninstall or fix that plugin, or set {DISABLE_AUTOLOAD_ENV}=1 to skip plugins"
-                    ) from exc
+                _load_entry_points(pm)
             try:
                 pm.check_pending()
             except pluggy.PluginValidationError as exc:

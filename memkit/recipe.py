@@ -22,11 +22,11 @@ Parts are looked up and their configs validated when the recipe is applied to a 
 from __future__ import annotations
 
 import copy
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from memkit.config import MemkitConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from memkit.config import MemkitConfig
 from memkit.errors import RegistrationError, UnknownComponentError
@@ -34,7 +34,7 @@ class Registry:
     with the names of the registrants.
     """
 
-    KINDS: dict[str, type] = {
+    KINDS: ClassVar[dict[str, type]] = {
         "pool": MemoryPool,
         "store": LongTermStore,
         "retriever": Retriever,
@@ -74,8 +74,9 @@ class Registry:
         if isinstance(source, (str, Path)):
             source = Path(source)
             if source.suffix != ".toml":
-                raise RegistrationError(f"plugin {who!r} registered recipe {name!r} from {source}, "
-                                        "which is not a .toml file")
+                raise RegistrationError(
+                    f"plugin {who!r} registered recipe {name!r} from {source}, which is not a .toml file"
+                )
         elif not isinstance(source, Recipe):
             raise RegistrationError(
                 f"plugin {who!r} registered recipe {name!r} as a {type(source).__name__}; "
@@ -93,13 +94,14 @@ class Registry:
         base = self.KINDS[kind]
         if not isinstance(cls, type) or not issubclass(cls, base):
             raise RegistrationError(
-                f"plugin {who!r} registered {cls!r} as a {kind}, but it is not a subclass of "
-                f"memkit.{base.__name__}"
+                f"plugin {who!r} registered {cls!r} as a {kind}, but it is not a subclass of memkit.{base.__name__}"
             )
         name = getattr(cls, "name", None)
         if not isinstance(name, str):
-            raise RegistrationError(f"plugin {who!r} registered {kind} {cls.__qualname__} without a `name` "
-                                    "class attribute; set name = '...'")
+            raise RegistrationError(
+                f"plugin {who!r} registered {kind} {cls.__qualname__} without a `name` "
+                "class attribute; set name = '...'"
+            )
         self._check_name(kind, name, who)
         config = getattr(cls, "Config", None)
         if not (isinstance(config, type) and issubclass(config, MemkitConfig)):
@@ -107,8 +109,9 @@ class Registry:
                 f"plugin {who!r} registered {kind} {name!r} ({cls.__qualname__}) without a nested `Config` "
                 "class deriving from memkit.MemkitConfig"
             )
-        if getattr(cls, "__abstractmethods__", None):
-            missing = ", ".join(sorted(cls.__abstractmethods__))
+        abstract = getattr(cls, "__abstractmethods__", None)
+        if abstract:
+            missing = ", ".join(sorted(abstract))
             raise RegistrationError(
                 f"plugin {who!r} registered {kind} {name!r} ({cls.__qualname__}), which is abstract: "
                 f"implement {missing}"
@@ -133,7 +136,7 @@ class Registry:
 
     # -- looking up -------------------------------------------------------------------------------
 
-    def get(self, kind: str, name: str) -> type:
+    def get(self, kind: str, name: str) -> Any:
         """The class registered as ``name`` for ``kind`` (``pool``, ``store``, ``retriever``, ``injector``)."""
         table = self._parts[kind]
         if name not in table:

@@ -36,7 +36,11 @@ def write_state(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], 
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise MemoryStateError(f"cannot save memory to {target}: folder {folder} does not exist")
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta, sort_keys=True)}
+    header = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "meta": json.dumps(meta, sort_keys=True),
+    }
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     os.close(fd)

@@ -50,7 +50,10 @@ def test_bad_inject_input_is_refused_and_memory_is_unchanged(mem, data, error, m
         ({"input_ids": torch.tensor([[5.0, 6.0]])}, "integer token ids"),
         ({"input_ids": torch.tensor([[5, 999]])}, r"in \[0, 128\)"),
         ({"input_ids": torch.tensor([[5, 6]], device="meta")}, "move them with"),
-        ({"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 3)}, "attention_mask has shape"),
+        (
+            {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 3)},
+            "attention_mask has shape",
+        ),
         ({"input_ids": torch.tensor([[5, 6]]), "past_key_values": object()}, "MemoryCache"),
     ],
 )
@@ -99,6 +102,13 @@ def test_every_error_is_a_memkit_error_and_the_builtin_kind():
     assert issubclass(memkit.RecipeError, ValueError)
     assert issubclass(memkit.UnknownComponentError, LookupError)
     assert issubclass(memkit.InputError, ValueError)
-    for cls in (memkit.RecipeError, memkit.UnknownComponentError, memkit.InputError, memkit.MemoryStateError,
-                memkit.IncompatibleModelError, memkit.RegistrationError, memkit.PluginError):
+    for cls in (
+        memkit.RecipeError,
+        memkit.UnknownComponentError,
+        memkit.InputError,
+        memkit.MemoryStateError,
+        memkit.IncompatibleModelError,
+        memkit.RegistrationError,
+        memkit.PluginError,
+    ):
         assert issubclass(cls, memkit.MemkitError)

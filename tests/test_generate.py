@@ -24,7 +24,7 @@ def _plain_generate(model, prompts: torch.Tensor, **kwargs) -> torch.Tensor:
     # memory of the training-free recipe equals the KV cache of TEXT: compare with TEXT in the prompt.
     with_text = torch.cat([TEXT.expand(prompts.shape[0], -1), prompts], dim=1)
     out = model.generate(with_text, attention_mask=torch.ones_like(with_text), **kwargs)
-    return torch.cat([prompts.repeat_interleave(out.shape[0] // prompts.shape[0], 0), out[:, with_text.shape[1]:]], 1)
+    return torch.cat([prompts.repeat_interleave(out.shape[0] // prompts.shape[0], 0), out[:, with_text.shape[1] :]], 1)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -63,8 +63,12 @@ def test_a_file_for_another_model_or_recipe_is_refused_and_memory_is_unchanged(t
     mem.inject(torch.arange(3, 40))
     mem.save_memory(tmp_path / "m.memkit")
     if family == "llama-wide":
-        other = memkit.wrap(tiny_model("llama", hidden_size=48), "memoryllm", chunk_size=16,
-                            pool={"capacity": 24, "write_size": 8})
+        other = memkit.wrap(
+            tiny_model("llama", hidden_size=48),
+            "memoryllm",
+            chunk_size=16,
+            pool={"capacity": 24, "write_size": 8},
+        )
     else:
         other = _mem(family=family, **overrides)
     other.inject(torch.arange(3, 20))
@@ -103,8 +107,11 @@ def test_a_file_from_another_format_version_is_refused(tmp_path):
     write_state(tmp_path / "m.memkit", tensors, meta)  # still fine
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "v99.memkit"),
-              metadata={"format": "memkit.memory", "format_version": "99", "meta": "{}"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(tmp_path / "v99.memkit"),
+        metadata={"format": "memkit.memory", "format_version": "99", "meta": "{}"},
+    )
     with pytest.raises(memkit.MemoryStateError, match="format version 99"):
         mem.load_memory(tmp_path / "v99.memkit")
 

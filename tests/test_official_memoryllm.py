@@ -26,14 +26,30 @@ ATOL = 1e-5
 def official():
     raw = json.loads((FIXTURE / "checkpoint" / "config.json").read_text())
     keys = [
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "bos_token_id",
-        "eos_token_id", "tie_word_embeddings", "attention_bias", "mlp_bias",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "bos_token_id",
+        "eos_token_id",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
     ]
     model = LlamaForCausalLM(LlamaConfig(**{k: raw[k] for k in keys})).eval()
     lora = raw["lora_config"]
     inject_adapter_in_model(
-        LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=0.0, target_modules=lora["target_modules"]),
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["lora_alpha"],
+            lora_dropout=0.0,
+            target_modules=lora["target_modules"],
+        ),
         model,
     )
     weights = load_file(FIXTURE / "checkpoint" / "model.safetensors")
@@ -42,7 +58,9 @@ def official():
     assert not missing and not unexpected
     n, k = raw["num_blocks"] * raw["num_tokens"], raw["num_tokens"]
     mem = memkit.wrap(
-        model, "memoryllm", chunk_size=512,
+        model,
+        "memoryllm",
+        chunk_size=512,
         pool={"capacity": n, "write_size": k, "per_layer": raw["drop_memory_per_layer"], "init": "tile"},
     )
     with torch.no_grad():
@@ -89,8 +107,13 @@ def test_scenario_a_second_injection_and_generation_match_the_official_code(offi
     assert _close(mem.pool.read(), ref["A2_memory"])
     assert _close(mem(ref["input_prompt"]).logits, ref["A2_logits_prompt"])
     out = mem.generate(
-        ref["input_prompt"], max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
-        output_logits=True, return_dict_in_generate=True,
+        ref["input_prompt"],
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     assert torch.equal(out.sequences, ref["A2_generate_ids"])
     assert _close(torch.stack(out.logits, dim=1), ref["A2_generate_step_logits"])

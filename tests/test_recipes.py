@@ -68,8 +68,9 @@ def test_capturing_inputs_with_chunks_longer_than_k_is_refused():
 
 
 def test_a_recipe_file_and_a_recipe_object_work_like_a_name(tmp_path):
-    recipe = load_recipe("memoryllm").with_overrides({"name": "mine", "chunk_size": 16,
-                                                       "pool": {"capacity": 24, "write_size": 8}})
+    recipe = load_recipe("memoryllm").with_overrides(
+        {"name": "mine", "chunk_size": 16, "pool": {"capacity": 24, "write_size": 8}}
+    )
     path = tmp_path / "mine.toml"
     path.write_text(recipe.to_toml())
     assert load_recipe(path) == recipe
@@ -98,6 +99,11 @@ def test_a_model_without_a_bos_token_needs_an_explicit_one_for_the_learned_bos()
     model = tiny_model("llama", bos_token_id=None)
     with pytest.raises(memkit.IncompatibleModelError, match="bos_token_id"):
         memkit.wrap(model, "memoryllm", chunk_size=16, pool={"capacity": 24, "write_size": 8})
-    mem = memkit.wrap(model, "memoryllm", chunk_size=16, pool={"capacity": 24, "write_size": 8},
-                      injector={"bos_token_id": 1})
+    mem = memkit.wrap(
+        model,
+        "memoryllm",
+        chunk_size=16,
+        pool={"capacity": 24, "write_size": 8},
+        injector={"bos_token_id": 1},
+    )
     assert mem.injector.bos_embedding.shape == (2, 1, 32)

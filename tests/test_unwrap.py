@@ -10,9 +10,7 @@ from memkit.testing import TINY_FAMILIES, tiny_model
 
 
 def _hooks(model):
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))

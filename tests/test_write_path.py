@@ -30,6 +30,7 @@ def reference_write(model, bos, memory, ids, pos_emb, reread):
     out = {}
     handles = []
     for i, layer in enumerate(layers):
+
         def pre(module, args, kwargs, i=i):
             h = args[0]
             parts = [prefix[i].unsqueeze(0)]
@@ -61,8 +62,14 @@ def test_new_memory_is_each_layers_output_after_the_last_k_memory_vectors(family
     before = mem.pool.read().clone()
     ids = torch.arange(40, 40 + n).unsqueeze(0)
     new = mem.injector.capture(ids, before)
-    ref = reference_write(model, mem.injector.bos_embedding, before, ids, mem.injector.new_memory_positional_emb,
-                          reread=max(K - n, 0))
+    ref = reference_write(
+        model,
+        mem.injector.bos_embedding,
+        before,
+        ids,
+        mem.injector.new_memory_positional_emb,
+        reread=max(K - n, 0),
+    )
     assert new.shape == (2, K, 32)
     assert (new - ref).abs().max().item() <= 1e-5
 

@@ -76,7 +76,8 @@ class KVInjector(Injector):
             "reread", description="what a chunk shorter than K does (see the class documentation)"
         )
         bos_token_id: int | None = Field(
-            None, description="token whose embedding initialises the learned BOS; None takes the model config's"
+            None,
+            description="token whose embedding initialises the learned BOS; None takes the model config's",
         )
 
     config: Config
@@ -91,7 +92,7 @@ class KVInjector(Injector):
             bos_id = config.bos_token_id if config.bos_token_id is not None else backbone.config.bos_token_id
             if isinstance(bos_id, (list, tuple)):
                 bos_id = bos_id[0]
-            vocab = backbone.embeddings.weight.shape[0]
+            vocab = backbone.vocab_size
             if bos_id is None or not 0 <= int(bos_id) < vocab:
                 raise IncompatibleModelError(
                     f"the injector's learned BOS needs a BOS token id in [0, {vocab}), got {bos_id!r} from the "

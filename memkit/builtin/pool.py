@@ -42,7 +42,8 @@ class RandomDropPool(MemoryPool):
         capacity: int = Field(description="N: vectors held per memory layer", gt=0)
         write_size: int = Field(description="K: vectors written per layer by one update", gt=0)
         eviction: Literal["random", "fifo"] = Field(
-            "random", description="which vectors a full pool drops: uniformly random (MemoryLLM) or oldest first"
+            "random",
+            description="which vectors a full pool drops: uniformly random (MemoryLLM) or oldest first",
         )
         per_layer: bool = Field(True, description="draw the random drop independently for each layer")
         init: Literal["empty", "tile"] = Field(
@@ -114,10 +115,10 @@ class RandomDropPool(MemoryPool):
 
     def write(self, vectors: torch.Tensor, source: int) -> Evicted:
         lyr, d = self.num_layers, self.hidden_size
+        if not isinstance(vectors, torch.Tensor):
+            raise InputError(f"a pool write takes a tensor of vectors, got {type(vectors).__name__}")
         if vectors.dim() != 3 or vectors.shape[0] != lyr or vectors.shape[2] != d:
-            raise InputError(
-                f"a pool write takes [layers={lyr}, k, d={d}] vectors, got {list(vectors.shape)}"
-            )
+            raise InputError(f"a pool write takes [layers={lyr}, k, d={d}] vectors, got {list(vectors.shape)}")
         k = int(vectors.shape[1])
         if not 1 <= k <= self.write_size:
             raise InputError(f"a pool write adds 1 to K={self.write_size} vectors per layer, got {k}")
@@ -131,8 +132,11 @@ class RandomDropPool(MemoryPool):
         if self.size == 0 and self.config.init == "tile":
             reps = -(-self.capacity // k)
             n = self.capacity
-            self._set(vectors.repeat(1, reps, 1)[:, -n:], new_ages.repeat(1, reps)[:, -n:],
-                      new_sources.repeat(1, reps)[:, -n:])
+            self._set(
+                vectors.repeat(1, reps, 1)[:, -n:],
+                new_ages.repeat(1, reps)[:, -n:],
+                new_sources.repeat(1, reps)[:, -n:],
+            )
             return self._empty_evicted()
 
         excess = max(self.size + k - self.capacity, 0)
@@ -153,11 +157,15 @@ class RandomDropPool(MemoryPool):
         """Kept and dropped slot indices, each ``[l, *]`` ascending."""
         lyr, s = self.num_layers, self.size
         if excess == 0:
-            return (torch.arange(s, device=self.device).expand(lyr, s),
-                    torch.zeros(lyr, 0, dtype=torch.long, device=self.device))
+            return (
+                torch.arange(s, device=self.device).expand(lyr, s),
+                torch.zeros(lyr, 0, dtype=torch.long, device=self.device),
+            )
         if self.config.eviction == "fifo":
-            return (torch.arange(excess, s, device=self.device).expand(lyr, s - excess),
-                    torch.arange(excess, device=self.device).expand(lyr, excess))
+            return (
+                torch.arange(excess, s, device=self.device).expand(lyr, s - excess),
+                torch.arange(excess, device=self.device).expand(lyr, excess),
+            )
         draws = lyr if self.config.per_layer else 1
         perms = [torch.randperm(s, generator=self._generator) for _ in range(draws)]
         perm = torch.stack(perms).to(self.device).expand(lyr, s)
@@ -166,7 +174,11 @@ class RandomDropPool(MemoryPool):
         return keep, drop
 
     def _set(self, vectors: torch.Tensor, ages: torch.Tensor, sources: torch.Tensor) -> None:
-        self._vectors, self._ages, self._sources = vectors.contiguous(), ages.contiguous(), sources.contiguous()
+        self._vectors, self._ages, self._sources = (
+            vectors.contiguous(),
+            ages.contiguous(),
+            sources.contiguous(),
+        )
         self._version += 1
 
     def _empty_evicted(self) -> Evicted:
@@ -203,13 +215,20 @@ class RandomDropPool(MemoryPool):
             )
         if not torch.isfinite(vectors.float()).all():
             raise MemoryStateError("pool state holds NaN or infinite vectors; refusing to load it")
+        generator_state = state.get("generator")
+        if generator_state is not None and self._generator is not None:
+            probe = torch.Generator(device="cpu")
+            try:
+                probe.set_state(generator_state.to(torch.uint8).cpu())
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise MemoryStateError(f"pool state has an unreadable random generator state ({exc})") from None
         self._set(
             vectors.to(device=self.device, dtype=self.dtype).clone(),
             ages.to(device=self.device, dtype=torch.long).clone(),
             sources.to(device=self.device, dtype=torch.long).clone(),
         )
-        if "generator" in state and self._generator is not None:
-            self._generator.set_state(state["generator"].to(torch.uint8).cpu())
+        if generator_state is not None and self._generator is not None:
+            self._generator.set_state(generator_state.to(torch.uint8).cpu())
 
 
 @hookimpl

@@ -57,6 +57,8 @@ class Injector(nn.Module, ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[MemkitConfig]]
+    #: The model view to compute with (not a submodule: the injector must not own the user's model).
+    backbone: Backbone
 
     def __init__(self, config: MemkitConfig, *, backbone: Backbone, write_size: int) -> None:
         super().__init__()

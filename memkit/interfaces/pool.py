@@ -64,7 +64,13 @@ class MemoryPool(ABC):
     Config: ClassVar[type[MemkitConfig]]
 
     def __init__(
-        self, config: MemkitConfig, *, num_layers: int, hidden_size: int, device: torch.device, dtype: torch.dtype
+        self,
+        config: MemkitConfig,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         self.config = config
         self.num_layers = num_layers

@@ -33,7 +33,11 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": None},
     "qwen2": {},
     "qwen3": {"head_dim": 8},
-    "gemma3_text": {"head_dim": 8, "sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {
+        "head_dim": 8,
+        "sliding_window": 256,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
     "phi3": {},
     "olmo2": {},
     "granite": {},
