@@ -21,7 +21,9 @@ Shapes (ein notation): ``l`` memory layers, ``p`` positions, ``d`` hidden size, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +99,65 @@ class Backbone:
         self.layers = self._find_layers(self.decoder, self.config)
         self.num_layers = len(self.layers)
         self.hidden_size = int(self.config.hidden_size)
+        self._rotary: nn.Module | None = None
+        self._rope_active = False
+
+    # -- positions ------------------------------------------------------------------------------------
+
+    def set_rope_scaling(self, scaling: Mapping[str, Any] | None) -> None:
+        """Use ``scaling`` (transformers ``rope_parameters`` keys, e.g. ``{"rope_type": "linear",
+        "factor": 2.0}``) for every memkit call, on top of the model's own RoPE settings.
+
+        The model's config and rotary module are left as they are: memkit builds its own rotary module
+        from a copy of the config and puts it in place only for the duration of each memkit call.
+        """
+        if not scaling:
+            self._rotary = None
+            return
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        if not isinstance(rotary, nn.Module):
+            raise IncompatibleModelError(
+                f"{type(self.decoder).__name__} has no `rotary_emb` module, so memkit cannot apply the recipe's "
+                "rope_scaling; remove rope_scaling from the recipe"
+            )
+        config = copy.deepcopy(self.config)
+        params = copy.deepcopy(getattr(config, "rope_parameters", None) or {})
+        per_type = params and all(isinstance(v, dict) for v in params.values())
+        if per_type:
+            params = {key: {**value, **scaling} for key, value in params.items()}
+        else:
+            params = {**params, **scaling}
+        config.rope_parameters = params
+        try:
+            new = type(rotary)(config=config)
+        except Exception as exc:
+            raise IncompatibleModelError(
+                f"cannot build {type(rotary).__name__} with rope_scaling {dict(scaling)}: {exc}"
+            ) from exc
+        self._rotary = new.to(self.device)
+
+    @property
+    def position_scale(self) -> float:
+        """How many times more positions the active RoPE settings cover than the model's own."""
+        if self._rotary is None:
+            return 1.0
+        factors = [float(v.get("factor", 1.0)) for v in _param_sets(self._rotary)]
+        return max(factors, default=1.0)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Put memkit's position settings in place for one call (re-entrant); undo them after, also on error."""
+        if self._rotary is None or self._rope_active:
+            yield
+            return
+        original = self.decoder.rotary_emb
+        self._rope_active = True
+        try:
+            self.decoder.rotary_emb = self._rotary
+            yield
+        finally:
+            self.decoder.rotary_emb = original
+            self._rope_active = False
 
     # -- discovery ----------------------------------------------------------------------------------
 
@@ -232,6 +293,13 @@ class Backbone:
             for handle in handles:
                 handle.remove()
         return out.last_hidden_state
+
+
+def _param_sets(rotary: nn.Module) -> list[dict[str, Any]]:
+    params = getattr(getattr(rotary, "config", None), "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return list(params.values())
+    return [params]
 
 
 def _make_pre(index: int, hook: LayerHook) -> Callable[..., object]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -30,6 +31,20 @@ from memkit.recipe import PartSpec, Recipe
 from memkit.state import read_state, write_state
 
 __all__ = ["Injection", "MemkitModel"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _memkit_call(method: F) -> F:
+    """Refuse an unwrapped wrapper, and put the recipe's position settings in place for the call."""
+
+    @functools.wraps(method)
+    def wrapper(self: MemkitModel, *args: Any, **kwargs: Any) -> Any:
+        self._alive()
+        with self.backbone.active():
+            return method(self, *args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,7 @@ class MemkitModel(nn.Module):
         self.recipe = recipe
         self.tokenizer = tokenizer
         bb = self.backbone
+        bb.set_rope_scaling(recipe.rope_scaling)
         self.pool: MemoryPool = _build_part(
             "pool",
             recipe.pool,
@@ -112,11 +128,14 @@ class MemkitModel(nn.Module):
         recipe, cfg = self.recipe, self.backbone.config
         window = getattr(cfg, "max_position_embeddings", None)
         bos = 1 if getattr(self.injector, "bos_embedding", None) is not None else 0
-        if window is not None and bos + self.pool.capacity >= int(window):
+        if window is not None:
+            window = int(int(window) * self.backbone.position_scale)
+        if window is not None and bos + self.pool.capacity >= window:
             raise RecipeError(
                 f"recipe {recipe.name!r} keeps {self.pool.capacity} memory vectors per layer (positions 0.."
                 f"{bos + self.pool.capacity - 1}), which leaves no room in {cfg.model_type}'s window of {window} "
-                "positions; lower pool.capacity, e.g. wrap(model, recipe, pool={'capacity': ...})"
+                "positions; lower pool.capacity (wrap(model, recipe, pool={'capacity': ...})) or stretch the "
+                "window with the recipe's rope_scaling"
             )
         capture = getattr(self.injector.config, "capture", None)
         if capture == "input" and recipe.chunk_size > self.pool.write_size:
@@ -129,7 +148,7 @@ class MemkitModel(nn.Module):
     def _check_layers_carry_memory(self) -> None:
         bb = self.backbone
         probe = torch.zeros(bb.num_layers, 1, bb.hidden_size, device=bb.device, dtype=bb.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), bb.active():
             kv = bb.layer_kv(probe, torch.zeros(1, dtype=torch.long, device=bb.device))
         if len(kv) != bb.num_layers:
             raise IncompatibleModelError(f"only {len(kv)} of {bb.num_layers} layers produced keys and values")
@@ -163,6 +182,7 @@ class MemkitModel(nn.Module):
     def _param_state(self) -> tuple[Any, ...]:
         return (self.device, self.backbone.dtype, sum(p._version for p in self.parameters()))
 
+    @_memkit_call
     def memory_prefix(self) -> MemoryPrefix:
         """Per-layer memory keys and values for reading, computed once per memory version.
 
@@ -232,7 +252,8 @@ class MemkitModel(nn.Module):
             raise EmptyInputError("input_ids has zero tokens")
         if input_ids.device != self.device:
             raise InputError(
-                f"input_ids are on {input_ids.device} but the model is on {self.device}; move them with .to(model.device)"
+                f"input_ids are on {input_ids.device} but the model is on {self.device}; "
+                "move them with .to(model.device)"
             )
         if input_ids.is_floating_point():
             raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
@@ -244,6 +265,7 @@ class MemkitModel(nn.Module):
 
     # -- write ---------------------------------------------------------------------------------------------
 
+    @_memkit_call
     def inject(
         self, data: str | Sequence[int] | torch.Tensor, *, label: str | None = None, progress: bool = False
     ) -> Injection:
@@ -307,6 +329,7 @@ class MemkitModel(nn.Module):
         ones = torch.ones(mask.shape[0], memory, dtype=mask.dtype, device=mask.device)
         return torch.cat([ones, mask], dim=1)
 
+    @_memkit_call
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -356,6 +379,7 @@ class MemkitModel(nn.Module):
         )
 
     @torch.no_grad()
+    @_memkit_call
     def generate(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> Any:
@@ -430,6 +454,12 @@ class MemkitModel(nn.Module):
             raise MemoryStateError(
                 f"memory file {path} was made for another model or recipe ({'; '.join(diffs)}); "
                 "load it into a model wrapped the same way, or start from an empty memory"
+            )
+        dtype = str(self.pool.dtype).removeprefix("torch.")
+        if meta.get("dtype") != dtype:
+            raise MemoryStateError(
+                f"memory file {path} holds {meta.get('dtype')} vectors but this pool stores {dtype}; converting "
+                f"would change them silently. Wrap with pool={{'dtype': '{meta.get('dtype')}'}} to load it as it is"
             )
         pool_state = {name[len("pool.") :]: t for name, t in tensors.items() if name.startswith("pool.")}
         snapshot = self.pool.snapshot()

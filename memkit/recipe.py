@@ -60,6 +60,11 @@ class Recipe(MemkitConfig):
     chunk_size: int = Field(description="tokens per injected chunk; inject() cuts text into chunks this long", gt=0)
     pool: PartSpec = Field(description="the MemoryPool: short-term memory")
     injector: PartSpec = Field(description="the Injector: how memory reaches attention and how it is written")
+    rope_scaling: dict[str, Any] | None = Field(
+        None,
+        description="RoPE settings applied during memkit calls on top of the model's own, in transformers' "
+        "rope_parameters form (MemoryLLM-8B: {rope_type = 'linear', factor = 1.8125}); none by default",
+    )
     store: PartSpec | None = Field(None, description="the LongTermStore for evicted memory (M+); none by default")
     retriever: PartSpec | None = Field(None, description="the Retriever for the long-term store; none by default")
 
@@ -104,7 +109,7 @@ class Recipe(MemkitConfig):
         return "\n".join(lines) + "\n"
 
 
-_PART_FIELDS = ("pool", "injector", "store", "retriever")
+_PART_FIELDS = ("pool", "injector", "store", "retriever", "rope_scaling")
 
 
 def _toml_value(value: Any) -> str:

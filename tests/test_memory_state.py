@@ -159,3 +159,12 @@ def test_reset_memory_empties_the_pool_and_reads_as_the_plain_model():
     assert mem.memory_size == 0 and mem.source_labels == {}
     with torch.no_grad():
         assert torch.equal(mem(torch.tensor([[5, 6]])).logits, model(torch.tensor([[5, 6]])).logits)
+
+
+def test_a_file_of_another_dtype_is_refused_rather_than_converted(tmp_path):
+    mem = _mem(pool={"capacity": 24, "write_size": 8, "dtype": "bfloat16"})
+    mem.inject(torch.arange(3, 40))
+    mem.save_memory(tmp_path / "m.memkit")
+    other = _mem()
+    with pytest.raises(memkit.MemoryStateError, match="bfloat16.*float32.*'dtype': 'bfloat16'"):
+        other.load_memory(tmp_path / "m.memkit")

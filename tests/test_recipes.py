@@ -107,3 +107,37 @@ def test_a_model_without_a_bos_token_needs_an_explicit_one_for_the_learned_bos()
         injector={"bos_token_id": 1},
     )
     assert mem.injector.bos_embedding.shape == (2, 1, 32)
+
+
+def test_rope_scaling_of_the_recipe_equals_a_model_configured_with_it():
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    plain = tiny_model("llama")
+    scaled = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    scaled.load_state_dict(plain.state_dict())
+    options = {"chunk_size": 16, "pool": {"capacity": 24, "write_size": 8, "seed": 0}}
+    ours = memkit.wrap(plain, "memoryllm", rope_scaling=scaling, **options)
+    reference = memkit.wrap(scaled, "memoryllm", **options)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        for mem in (ours, reference):
+            mem.inject(torch.arange(3, 40))
+        assert torch.allclose(ours.pool.read(), reference.pool.read(), atol=1e-6)
+        assert torch.allclose(ours(ids).logits, reference(ids).logits, atol=1e-5)
+        assert not torch.allclose(ours(ids).logits, plain(ids).logits, atol=1e-3)
+    # the model's own rotary module is back in place, unchanged, between calls
+    assert plain.config.rope_parameters["rope_type"] == "default"
+    assert ours.backbone.decoder.rotary_emb is plain.model.rotary_emb
+
+
+def test_rope_scaling_stretches_the_window_the_recipe_is_checked_against():
+    model = tiny_model("llama")  # a window of 512
+    with pytest.raises(memkit.RecipeError, match="window of 512"):
+        memkit.wrap(model, "memoryllm", chunk_size=16, pool={"capacity": 600, "write_size": 8})
+    mem = memkit.wrap(
+        model,
+        "memoryllm",
+        chunk_size=16,
+        pool={"capacity": 600, "write_size": 8},
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )
+    assert mem.pool.capacity == 600
