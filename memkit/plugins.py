@@ -134,9 +134,18 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
     """
     global _registry
     pm = get_plugin_manager()
-    plugin_name = pm.register(plugin, name=name)
     try:
+        plugin_name = pm.register(plugin, name=name)
+    except (ValueError, pluggy.PluginValidationError) as exc:
+        raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from exc
+    if plugin_name is None:
+        raise PluginError(f"plugin {name or plugin!r} is blocked and was not registered")
+    try:
+        pm.check_pending()
         new = build_registry(pm)
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=plugin_name)
+        raise PluginError(f"plugin {plugin_name!r} implements a hook memkit does not have: {exc}") from exc
     except BaseException:
         pm.unregister(name=plugin_name)
         raise

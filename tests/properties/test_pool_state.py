@@ -10,7 +10,6 @@ A record is ``(u, age, source)``; the model keeps one list of records per memory
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -479,7 +478,10 @@ def test_config_refuses_write_size_larger_than_capacity(n: int, extra: int) -> N
 def test_pool_stores_vectors_in_the_configured_dtype(config_dtype, model_dtype, expected) -> None:
     pool = RandomDropPool(
         RandomDropPool.Config(capacity=4, write_size=2, dtype=config_dtype),
-        num_layers=2, hidden_size=3, device=torch.device("cpu"), dtype=model_dtype,
+        num_layers=2,
+        hidden_size=3,
+        device=torch.device("cpu"),
+        dtype=model_dtype,
     )
     assert pool.read().dtype == expected
     pool.write(torch.ones(2, 2, 3, dtype=torch.float64), source=5)
@@ -496,8 +498,19 @@ def test_per_layer_random_drop_draws_a_different_permutation_for_each_layer() ->
     assert any(differs), "with per_layer=True, 10 full writes all dropped the same slots in every layer"
 
 
-@pytest.mark.xfail(strict=True, reason="memkit bug: a malformed 'generator' entry raises RuntimeError after "
-                   "the vectors were already loaded")
+@pytest.mark.parametrize("seed", [0, None])
+def test_shared_random_drop_evicts_the_same_slots_in_every_layer(seed: int | None) -> None:
+    setup = Setup(3, 2, 12, 6, "random", False, "empty", seed, torch.float32, "model")
+    pool = setup.pool()
+    evictions = apply(pool, setup, [(6, 0)] * 12)
+    assert all(e.count == 6 for e in evictions[2:])
+    for e in evictions[2:]:
+        ids = e.vectors[..., 0] // 4
+        assert torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+    held = pool.read()[..., 0] // 4
+    assert torch.equal(held[0], held[1]) and torch.equal(held[0], held[2])
+
+
 def test_load_state_dict_with_a_malformed_generator_raises_memory_state_error_and_changes_nothing() -> None:
     setup = Setup(1, 2, 4, 2, "random", True, "empty", 1, torch.float32, "model")
     pool = setup.pool()
@@ -507,13 +520,14 @@ def test_load_state_dict_with_a_malformed_generator_raises_memory_state_error_an
     state["vectors"] = torch.zeros(1, 3, 2)
     state["ages"] = state["sources"] = torch.zeros(1, 3, dtype=torch.long)
     state["generator"] = torch.zeros(3, dtype=torch.uint8)
-    with contextlib.suppress(memkit.MemoryStateError):
+    with pytest.raises(memkit.MemoryStateError, match="generator"):
         pool.load_state_dict(state)
     assert unchanged(pool, before, version)
 
 
-@pytest.mark.xfail(strict=True, reason="memkit bug: a non-tensor write raises AttributeError, not InputError")
 def test_write_of_a_non_tensor_raises_input_error() -> None:
     pool = Setup(1, 2, 4, 2, "fifo", True, "empty", None, torch.float32, "model").pool()
-    with pytest.raises(memkit.InputError):
+    before, version = frozen_state(pool), pool.version
+    with pytest.raises(memkit.InputError, match="tensor"):
         pool.write([[[1.0, 2.0]]], 0)  # type: ignore[arg-type]
+    assert unchanged(pool, before, version)
