@@ -96,15 +96,28 @@ class NullStore(LongTermStore):
     def advance(self, amount: int) -> None:
         pass
 
+    @property
+    def capacity(self) -> int:
+        return self.config.capacity
+
     def size(self, layer: int) -> int:
         return 0
+
+    def staged(self, layer: int) -> int:
+        return 0
+
+    def evicted(self, layer: int) -> int:
+        return 0
+
+    def entries(self, layer: int) -> StoreEntries:
+        empty = torch.zeros(0, dtype=torch.long)
+        return StoreEntries(torch.zeros(0, self.hidden_size), torch.zeros(0, self.key_size), empty, empty)
 
     def candidates(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
 
     def get(self, layer: int, ids: torch.Tensor) -> StoreEntries:
-        empty = torch.zeros(0, dtype=torch.long)
-        return StoreEntries(torch.zeros(0, self.hidden_size), torch.zeros(0, self.key_size), empty, empty)
+        return self.entries(layer)
 
     def reset(self) -> None:
         pass

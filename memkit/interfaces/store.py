@@ -36,18 +36,27 @@ class StoreEntries:
 class LongTermStore(ABC):
     """Long-term memory: per memory layer, what the pool evicted, with a capacity.
 
-    Contract:
+    Contract (the store property tests check it):
 
-    * :meth:`add` takes one layer's entries; they may sit in a staging buffer until the store merges
-      them (M+ merges every ``F`` updates), but :meth:`candidates` and :meth:`get` see them at once.
-    * The store never holds more than its capacity per layer; past it, it evicts the oldest entries
-      (largest age) first, and counts what it evicted.
-    * :meth:`advance` adds to the age of every entry, staged or merged, on every pool update.
-    * :meth:`candidates` returns up to ``k`` entry ids of one layer for ``queries`` ``[q, k_dim]``,
-      best first; :meth:`get` returns those entries. Ids stay valid until the next :meth:`add` or
-      :meth:`advance`. Asking for ids that are out of range raises
-      :class:`~memkit.errors.InputError`.
-    * :meth:`state_dict` / :meth:`load_state_dict` round-trip everything, staged entries included.
+    * :meth:`add` takes one layer's entries (vectors, retriever keys, ages, provenance) and stages
+      them; the store merges its staging buffer into the main store once every ``merge_every``
+      updates (M+: ``F``). Staged entries are visible at once: :meth:`size`, :meth:`entries`,
+      :meth:`candidates` and :meth:`get` cover merged and staged entries alike.
+    * Entry ids are row positions in :meth:`entries` (merged rows first, then staged rows). They stay
+      valid until the next :meth:`add`, :meth:`advance`, :meth:`reset` or :meth:`load_state_dict`.
+    * :meth:`advance` is called once per pool update: it adds ``amount`` to the age of every entry,
+      staged or merged, of every layer, counts the update, and merges when the count says so.
+    * The store never holds more than ``capacity`` entries per layer (merged plus staged). When an
+      :meth:`add` would exceed it, it evicts the oldest entries first (largest age; among equal
+      ages, the earlier row), and adds their number to :meth:`evicted`. So every vector ever added is
+      either held or counted as evicted.
+    * :meth:`candidates` proposes entry ids for ``queries`` ``[q, key_size]``: an exact store may
+      propose every entry; an approximate index proposes the likeliest ones (at least ``k`` when the
+      store holds that many). The retriever scores the proposals exactly.
+    * :meth:`get` with an id outside ``[0, size)`` raises :class:`~memkit.errors.InputError`.
+    * :meth:`state_dict` / :meth:`load_state_dict` round-trip everything, staged entries, counters
+      and the update count included; a state of another shape raises
+      :class:`~memkit.errors.MemoryStateError`.
 
     Class attributes:
         name: the name recipes use for this store.
@@ -63,29 +72,46 @@ class LongTermStore(ABC):
         self.hidden_size = hidden_size
         self.key_size = key_size
 
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """Most entries held per layer."""
+
     @abstractmethod
     def add(self, layer: int, entries: StoreEntries) -> None:
-        """Add one layer's entries (staged or merged, as the store's policy says)."""
+        """Stage one layer's entries, evicting the oldest past capacity."""
 
     @abstractmethod
     def advance(self, amount: int) -> None:
-        """Add ``amount`` to the age of every entry of every layer."""
+        """One pool update: add ``amount`` to every age of every layer; merge every ``merge_every`` updates."""
 
     @abstractmethod
     def size(self, layer: int) -> int:
         """Number of entries (merged plus staged) held for ``layer``."""
 
     @abstractmethod
+    def staged(self, layer: int) -> int:
+        """Number of those entries still in the staging buffer."""
+
+    @abstractmethod
+    def evicted(self, layer: int) -> int:
+        """Number of entries of ``layer`` evicted so far for lack of capacity."""
+
+    @abstractmethod
+    def entries(self, layer: int) -> StoreEntries:
+        """Every entry of ``layer``, merged rows first, then staged rows."""
+
+    @abstractmethod
     def candidates(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Up to ``k`` entry ids ``[k']`` of ``layer`` for ``queries`` ``[q, key_size]``, best first."""
+        """Entry ids ``[c]`` of ``layer`` worth scoring for ``queries`` ``[q, key_size]``."""
 
     @abstractmethod
     def get(self, layer: int, ids: torch.Tensor) -> StoreEntries:
-        """The entries with these ids (``[m]`` int64) of ``layer``."""
+        """The entries with these ids (``[m]`` int64) of ``layer``, in the order of ``ids``."""
 
     @abstractmethod
     def reset(self) -> None:
-        """Remove every entry."""
+        """Remove every entry and zero the counters."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
