@@ -38,7 +38,7 @@ typecheck:
 	$(BIN)/mypy
 
 docs:
-	DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict --quiet
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 pytest:
 	$(BIN)/python -m pytest

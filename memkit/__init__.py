@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from memkit.api import list_recipes, wrap
 from memkit.config import MemkitConfig
 from memkit.errors import (
+    CheckpointError,
     EmptyInputError,
     IncompatibleModelError,
     InputError,
@@ -36,10 +37,13 @@ from memkit.interfaces import (
     StoreEntries,
 )
 from memkit.model import Injection, MemkitModel
+from memkit.official import from_pretrained
 from memkit.recipe import PartSpec, Recipe, load_recipe
 from memkit.registry import Registry
+from memkit.scaling import scale_recipe
 
 __all__ = [
+    "CheckpointError",
     "EmptyInputError",
     "Evicted",
     "IncompatibleModelError",
@@ -65,8 +69,10 @@ __all__ = [
     "UnknownComponentError",
     "UnwrappedError",
     "__version__",
+    "from_pretrained",
     "hookimpl",
     "list_recipes",
     "load_recipe",
+    "scale_recipe",
     "wrap",
 ]

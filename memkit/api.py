@@ -25,7 +25,8 @@ def wrap(
     """Give a HuggingFace causal LM a memory built from ``recipe``.
 
     Args:
-        model: a decoder-only ``PreTrainedModel`` (``AutoModelForCausalLM``). It is not modified.
+        model: a decoder-only ``PreTrainedModel`` (``AutoModelForCausalLM``). Its code and weights are not
+            modified; a recipe with ``[adapters]`` adds peft LoRA layers to it until ``unwrap()``.
         recipe: a registered recipe name (see :func:`list_recipes`), a path to a recipe TOML file, or a
             :class:`~memkit.recipe.Recipe`.
         tokenizer: optional tokenizer; needed to inject text rather than token ids.

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from memkit.cache import KVCapture, KVCaptured, LayerKV
 from memkit.errors import IncompatibleModelError
 
-__all__ = ["LAYER_CONTAINERS", "Backbone", "LayerHook"]
+__all__ = ["INPUT_NORMS", "LAYER_CONTAINERS", "Backbone", "LayerHook"]
 
 #: Where a family keeps its decoder layers, when ``get_decoder().layers`` is not it. Everything else
 #: about a family (norms, fused projections, k-norm, rotary per layer type) comes from the model's own
@@ -43,6 +43,9 @@ LAYER_CONTAINERS: dict[str, tuple[str, ...]] = {
     "falcon": ("h",),
     "bloom": ("h",),
 }
+
+#: Names under which families keep a decoder layer's input normalisation.
+INPUT_NORMS: tuple[str, ...] = ("input_layernorm", "ln_1", "attention_norm", "input_norm")
 
 #: ``hook(layer_index, hidden [b, n, d]) -> hidden [b, n, d] | None``
 LayerHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -214,6 +217,110 @@ class Backbone:
         weight = self.embeddings.weight
         assert isinstance(weight, torch.Tensor)
         return int(weight.shape[0])
+
+    # -- per-layer pieces -------------------------------------------------------------------------------
+
+    def input_norm(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer ``index``'s own input normalisation applied to ``hidden`` ``[..., d]``.
+
+        Post-norm families without an input norm (OLMo 2) return ``hidden`` unchanged.
+        """
+        layer = self.layers[index]
+        for name in INPUT_NORMS:
+            norm = getattr(layer, name, None)
+            if isinstance(norm, nn.Module):
+                return norm(hidden)
+        return hidden
+
+    def attention_projections(self, index: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+        """Layer ``index``'s query and key maps, without positions: ``x [n, d] -> [n, heads, e]``.
+
+        They apply the layer's ``q_proj``/``k_proj`` (or the query and key parts of a fused
+        ``qkv_proj``) and any per-head ``q_norm``/``k_norm``. Raises
+        :class:`IncompatibleModelError` for an attention module that has neither.
+        """
+        attn = getattr(self.layers[index], "self_attn", None)
+        cfg = self.config
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or self.hidden_size // heads)
+        if attn is None:
+            raise IncompatibleModelError(f"decoder layer {index} has no `self_attn` module with query and key maps")
+        q_norm = getattr(attn, "q_norm", None)
+        k_norm = getattr(attn, "k_norm", None)
+        if hasattr(attn, "q_proj") and hasattr(attn, "k_proj"):
+            q_lin, k_lin = attn.q_proj, attn.k_proj
+
+            def raw_q(x: torch.Tensor) -> torch.Tensor:
+                return q_lin(x)
+
+            def raw_k(x: torch.Tensor) -> torch.Tensor:
+                return k_lin(x)
+        elif hasattr(attn, "qkv_proj"):
+            fused = attn.qkv_proj
+
+            def raw_q(x: torch.Tensor) -> torch.Tensor:
+                return fused(x)[..., : heads * head_dim]
+
+            def raw_k(x: torch.Tensor) -> torch.Tensor:
+                return fused(x)[..., heads * head_dim : (heads + kv_heads) * head_dim]
+        else:
+            raise IncompatibleModelError(
+                f"decoder layer {index}'s attention ({type(attn).__name__}) has neither q_proj/k_proj nor qkv_proj"
+            )
+
+        def shaped(flat: torch.Tensor, norm: object, count: int) -> torch.Tensor:
+            # A norm over the whole projection (OLMo 2) comes before the split into heads, a per-head
+            # norm (Qwen 3, Gemma 3) after it.
+            weight = getattr(norm, "weight", None)
+            whole = (
+                isinstance(norm, nn.Module) and isinstance(weight, torch.Tensor) and weight.numel() == flat.shape[-1]
+            )
+            if whole:
+                assert isinstance(norm, nn.Module)
+                flat = norm(flat)
+            out = flat.view(*flat.shape[:-1], count, head_dim)
+            return norm(out) if isinstance(norm, nn.Module) and not whole else out
+
+        def query(x: torch.Tensor) -> torch.Tensor:
+            return shaped(raw_q(x), q_norm, heads)
+
+        def key(x: torch.Tensor) -> torch.Tensor:
+            return shaped(raw_k(x), k_norm, kv_heads)
+
+        return query, key
+
+    def layer_kv_single(self, index: int, vectors: torch.Tensor, position_ids: torch.Tensor) -> LayerKV:
+        """Keys and values layer ``index`` computes for ``vectors`` ``[g, d]`` at ``position_ids`` ``[g]``.
+
+        Unlike :meth:`layer_kv` it calls only that layer (through ``forward``, so memkit's own hooks do
+        not fire), with rotary tables from the decoder's ``rotary_emb`` (called with the layer's type
+        when the model has per-type tables, as Gemma 3 does). Used inside a forward pass, to add the
+        keys and values of retrieved long-term memory once a layer's query is known.
+        """
+        layer = self.layers[index]
+        hidden = vectors.unsqueeze(0).to(dtype=self.dtype)
+        pos = position_ids.to(hidden.device).unsqueeze(0)
+        kwargs: dict[str, Any] = {"position_ids": pos, "attention_mask": None}
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        if isinstance(rotary, nn.Module):
+            layer_types = getattr(self.config, "layer_types", None)
+            if self._rotary_takes_layer_type(rotary) and layer_types:
+                kwargs["position_embeddings"] = rotary(hidden, pos, layer_types[index])
+            else:
+                kwargs["position_embeddings"] = rotary(hidden, pos)
+        capture = KVCapture()
+        with contextlib.suppress(KVCaptured):
+            layer.forward(hidden, past_key_values=capture, use_cache=True, **kwargs)
+        if len(capture.captured) != 1:
+            raise IncompatibleModelError(f"decoder layer {index} did not hand its keys and values to the cache")
+        return next(iter(capture.captured.values()))
+
+    @staticmethod
+    def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
+        import inspect
+
+        return "layer_type" in inspect.signature(rotary.forward).parameters
 
     # -- operations -----------------------------------------------------------------------------------
 

@@ -35,13 +35,17 @@ class MemoryCache(DynamicCache):
         self.memory_length = memory_length
 
 
-def build_memory_cache(config: PretrainedConfig, layer_kv: Sequence[LayerKV], batch_size: int) -> MemoryCache:
+def build_memory_cache(
+    config: PretrainedConfig, layer_kv: Sequence[LayerKV], batch_size: int, writable: bool = False
+) -> MemoryCache:
     """Build a fresh :class:`MemoryCache` holding ``layer_kv`` for ``batch_size`` rows.
 
     Args:
         config: the model's config; it decides the layer types (full or sliding window).
         layer_kv: per decoder layer, keys and values ``[1, h, p, e]``, as computed by the layer itself.
         batch_size: number of rows the cache must have (batch x beams for beam search).
+        writable: give every row its own copy, so that rows can be filled in place (retrieval);
+            otherwise rows share the given tensors.
 
     The stored tensors are never modified: ``DynamicCache`` concatenates into new tensors, so memory
     keys and values computed once can seed any number of caches.
@@ -54,6 +58,8 @@ def build_memory_cache(config: PretrainedConfig, layer_kv: Sequence[LayerKV], ba
         if batch_size != keys.shape[0]:
             keys = keys.expand(batch_size, *keys.shape[1:])
             values = values.expand(batch_size, *values.shape[1:])
+        if writable:
+            keys, values = keys.clone(), values.clone()
         cache.update(keys, values, layer_idx)
     return cache
 

@@ -8,6 +8,7 @@ catches those keeps working. Messages say what was wrong and what to do about it
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "EmptyInputError",
     "IncompatibleModelError",
     "InputError",
@@ -63,6 +64,11 @@ class MissingTokenizerError(InputError):
 
 class MemoryStateError(MemkitError, ValueError):
     """A memory state file that is missing, corrupted, or made for another model or recipe."""
+
+
+class CheckpointError(MemkitError, ValueError):
+    """An official MemoryLLM or M+ checkpoint that cannot be read: not a local folder, a config.json
+    without the fields it needs, or tensors that are missing, unknown or of the wrong shape (all listed)."""
 
 
 class UnwrappedError(MemkitError, RuntimeError):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel
 
 from memkit import __version__
+from memkit.adapters import Adapters
 from memkit.backbone import Backbone
 from memkit.cache import MemoryCache, build_memory_cache
 from memkit.errors import (
@@ -25,9 +27,10 @@ from memkit.errors import (
     RecipeError,
     UnwrappedError,
 )
-from memkit.interfaces import Injector, MemoryPool, MemoryPrefix
+from memkit.interfaces import Evicted, Injector, LongTermStore, MemoryPool, MemoryPrefix, Retriever, StoreEntries
 from memkit.plugins import get_registry
 from memkit.recipe import PartSpec, Recipe
+from memkit.retrieval import retrieval_hooks
 from memkit.state import read_state, write_state
 
 __all__ = ["Injection", "MemkitModel"]
@@ -80,8 +83,10 @@ def _build_part(kind: str, spec: PartSpec, recipe: Recipe, **kwargs: Any) -> Any
 class MemkitModel(nn.Module):
     """A causal LM with latent memory: :meth:`inject` text, then :meth:`generate` from memory.
 
-    Build it with :func:`memkit.wrap`. The base model is held as ``base_model`` and never modified:
-    memory reaches it as a pre-filled ``transformers`` cache, and hooks exist only during a call.
+    Build it with :func:`memkit.wrap`. The base model is held as ``base_model``; its code and weights are
+    never modified: memory reaches it as a pre-filled ``transformers`` cache, and hooks exist only during
+    a call. A recipe with ``[adapters]`` adds peft LoRA layers (each keeping the original as
+    ``base_layer``) that :meth:`unwrap` removes again.
 
     Args:
         model: the HuggingFace causal LM.
@@ -97,6 +102,21 @@ class MemkitModel(nn.Module):
         self.tokenizer = tokenizer
         bb = self.backbone
         bb.set_rope_scaling(recipe.rope_scaling)
+        self.adapters: Adapters | None = Adapters(model, recipe.adapters) if recipe.adapters else None
+        try:
+            self._build(recipe)
+        except BaseException:
+            if self.adapters is not None:
+                self.adapters.remove()
+            raise
+        self._prefix_key: tuple[Any, ...] | None = None
+        self._prefix: MemoryPrefix | None = None
+        self._next_source = 0
+        self.source_labels: dict[int, str] = {}
+        self._unwrapped = False
+
+    def _build(self, recipe: Recipe) -> None:
+        bb = self.backbone
         self.pool: MemoryPool = _build_part(
             "pool",
             recipe.pool,
@@ -109,18 +129,27 @@ class MemkitModel(nn.Module):
         self.injector: Injector = _build_part(
             "injector", recipe.injector, recipe, backbone=bb, write_size=self.pool.write_size
         )
-        if recipe.store is not None or recipe.retriever is not None:
+        self.retriever: Retriever | None = None
+        self.store: LongTermStore | None = None
+        if (recipe.store is None) != (recipe.retriever is None):
             raise RecipeError(
-                f"recipe {recipe.name!r} names a long-term store or retriever; this memkit version builds "
-                "recipes from a pool and an injector only"
+                f"recipe {recipe.name!r} names a {'store' if recipe.store else 'retriever'} without a "
+                f"{'retriever' if recipe.store else 'store'}; long-term memory needs both"
             )
+        if recipe.retriever is not None and recipe.store is not None:
+            self.retriever = _build_part("retriever", recipe.retriever, recipe, backbone=bb)
+            self.store = _build_part(
+                "store",
+                recipe.store,
+                recipe,
+                num_layers=bb.num_layers,
+                hidden_size=bb.hidden_size,
+                key_size=self.retriever.key_size,
+            )
+        elif recipe.retrieve:
+            raise RecipeError(f"recipe {recipe.name!r} retrieves {recipe.retrieve} entries but has no store")
         self._check_recipe_fits()
         self._check_layers_carry_memory()
-        self._prefix_key: tuple[Any, ...] | None = None
-        self._prefix: MemoryPrefix | None = None
-        self._next_source = 0
-        self.source_labels: dict[int, str] = {}
-        self._unwrapped = False
 
     # -- validation -----------------------------------------------------------------------------------
 
@@ -130,10 +159,12 @@ class MemkitModel(nn.Module):
         bos = 1 if getattr(self.injector, "bos_embedding", None) is not None else 0
         if window is not None:
             window = int(int(window) * self.backbone.position_scale)
-        if window is not None and bos + self.pool.capacity >= window:
+        span = bos + recipe.retrieve + self.pool.capacity
+        if window is not None and span >= window:
             raise RecipeError(
-                f"recipe {recipe.name!r} keeps {self.pool.capacity} memory vectors per layer (positions 0.."
-                f"{bos + self.pool.capacity - 1}), which leaves no room in {cfg.model_type}'s window of {window} "
+                f"recipe {recipe.name!r} keeps {self.pool.capacity} memory vectors per layer and retrieves "
+                f"{recipe.retrieve} (positions 0..{span - 1}), which leaves no room in {cfg.model_type}'s window "
+                f"of {window} "
                 "positions; lower pool.capacity (wrap(model, recipe, pool={'capacity': ...})) or stretch the "
                 "window with the recipe's rope_scaling"
             )
@@ -173,6 +204,38 @@ class MemkitModel(nn.Module):
         """Vectors held per memory layer now."""
         return self.pool.size
 
+    def memory_footprint(self) -> dict[str, int]:
+        """Sizes the recipe implies, computed from shapes (nothing is allocated), in bytes.
+
+        Keys:
+            ``pool``: the short-term vectors at capacity, ``l * N * d`` in the pool's dtype.
+            ``store``: the long-term store at capacity, vectors and keys (0 without a store).
+            ``read_cache``: the memory keys and values of one read, per row of a batch:
+            ``l * 2 * (bos + retrieved + N) * kv_heads * head_dim`` in the model's dtype.
+            ``parameters``: memkit's own parameters (injector, retriever, adapters) in their dtypes.
+        """
+        cfg = self.backbone.config
+        lyr, d = self.backbone.num_layers, self.backbone.hidden_size
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
+        pool_bytes = lyr * self.pool.capacity * d * self.pool.dtype.itemsize
+        store_bytes = 0
+        if self.store is not None and self.retriever is not None:
+            dtype_name = str(getattr(self.store.config, "dtype", "float32"))
+            item = getattr(torch, dtype_name).itemsize
+            store_bytes = lyr * self.store.capacity * (d + self.retriever.key_size) * item
+        bos = self.injector.gap_start
+        positions = bos + self.recipe.retrieve + self.pool.capacity
+        cache_bytes = lyr * 2 * positions * kv_heads * head_dim * self.backbone.dtype.itemsize
+        own = [p for p in self.injector.parameters()]
+        if self.retriever is not None:
+            own += list(self.retriever.parameters())
+        if self.adapters is not None:
+            own += self.adapters.parameters()
+        param_bytes = sum(p.numel() * p.dtype.itemsize for p in own)
+        return {"pool": pool_bytes, "store": store_bytes, "read_cache": cache_bytes, "parameters": param_bytes}
+
     def sources(self) -> torch.Tensor:
         """Provenance id of each pool vector, ``[l, s]``; :attr:`source_labels` names them."""
         return self.pool.sources()
@@ -183,18 +246,21 @@ class MemkitModel(nn.Module):
         return (self.device, self.backbone.dtype, sum(p._version for p in self.parameters()))
 
     @_memkit_call
-    def memory_prefix(self) -> MemoryPrefix:
+    def memory_prefix(self, gap: int = 0) -> MemoryPrefix:
         """Per-layer memory keys and values for reading, computed once per memory version.
+
+        Args:
+            gap: positions left empty (after any BOS) for long-term entries retrieved during the read.
 
         With gradients enabled and trainable parameters present, they are recomputed on every call so
         that the loss reaches those parameters.
         """
         self._alive()
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        key = (self.pool.version, *self._param_state())
+        key = (self.pool.version, gap, *self._param_state())
         if not training and self._prefix is not None and self._prefix_key == key:
             return self._prefix
-        prefix = self.injector.prefix(self.pool.read())
+        prefix = self.injector.prefix(self.pool.read(), gap=gap)
         if training:
             return prefix
         self._prefix, self._prefix_key = prefix, key
@@ -288,39 +354,94 @@ class MemkitModel(nn.Module):
         chunks = [ids[i : i + size] for i in range(0, ids.numel(), size)]
         source = self._next_source
         snapshot = self.pool.snapshot()
+        # Injection reads only the pool, never the long-term store, so the store's updates can wait until
+        # every chunk is written: a failure then leaves the store untouched and the pool restored.
+        updates: list[tuple[int, list[StoreEntries]]] = []
         try:
             for chunk in tqdm(chunks, desc="inject", unit="chunk", disable=not progress):
-                new = self.injector.capture(chunk.unsqueeze(0).to(self.device), self.pool.read())
+                with self._writing():
+                    new = self.injector.capture(chunk.unsqueeze(0).to(self.device), self.pool.read())
                 if not torch.isfinite(new).all():
                     raise InputError(
                         "the model produced NaN or infinite hidden states for this text; memory is unchanged"
                     )
-                self.pool.write(new, source)
+                evicted = self.pool.write(new, source)
+                if self.store is not None:
+                    updates.append((int(new.shape[1]), self._store_entries(evicted)))
         except BaseException:
             self.pool.load_state_dict(snapshot)
             raise
         finally:
             self._invalidate()
+        if self.store is not None:
+            for amount, per_layer in updates:
+                self.store.advance(amount)
+                for layer, entries in enumerate(per_layer):
+                    if len(entries):
+                        self.store.add(layer, entries)
         self._next_source += 1
         if label is not None:
             self.source_labels[source] = label
         return Injection(source=source, num_tokens=int(ids.numel()), num_chunks=len(chunks))
 
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        """The write adapter, if the recipe has adapters, for the duration of a write."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.use(self.adapters.spec.write)
+
+    def _store_entries(self, evicted: Evicted) -> list[StoreEntries]:
+        """Per layer, the evicted vectors with their retriever keys, ready for the long-term store."""
+        assert self.retriever is not None
+        out = []
+        with torch.no_grad():
+            for layer in range(self.backbone.num_layers):
+                vectors = evicted.vectors[layer]
+                if vectors.shape[0]:
+                    normed = self.backbone.input_norm(layer, vectors.to(self.device, self.backbone.dtype))
+                    keys = self.retriever.keys(layer, normed)
+                else:
+                    keys = vectors.new_zeros(0, self.retriever.key_size)
+                out.append(StoreEntries(vectors, keys.detach(), evicted.ages[layer], evicted.sources[layer]))
+        return out
+
     def reset_memory(self) -> None:
         """Empty the memory (the pool returns to its initial state); weights are untouched."""
         self._alive()
         self.pool.reset()
+        if self.store is not None:
+            self.store.reset()
         self.source_labels.clear()
         self._next_source = 0
         self._invalidate()
 
     # -- read ----------------------------------------------------------------------------------------------
 
-    def _memory_cache(self, batch_size: int) -> MemoryCache | None:
-        prefix = self.memory_prefix()
+    def _retrieve_count(self) -> int:
+        """Long-term entries each layer brings back for a read now: the recipe's count, or fewer if the
+        store holds fewer (every layer's store holds the same number)."""
+        if self.store is None or not self.recipe.retrieve:
+            return 0
+        return min(self.recipe.retrieve, min(self.store.size(i) for i in range(self.backbone.num_layers)))
+
+    @contextlib.contextmanager
+    def _read(self, rows: int, token_mask: torch.Tensor) -> Iterator[MemoryCache | None]:
+        """A fresh read cache for ``rows`` rows, with retrieval hooks while the block runs.
+
+        ``token_mask`` ``[rows, n]`` marks each row's real prompt tokens (retrieval queries).
+        """
+        gap = self._retrieve_count()
+        prefix = self.memory_prefix(gap=gap)
         if prefix.length == 0:
-            return None
-        return build_memory_cache(self.base_model.config, prefix.layer_kv, batch_size)
+            yield None
+            return
+        cache = build_memory_cache(self.base_model.config, prefix.layer_kv, rows, writable=gap > 0)
+        if gap == 0:
+            yield cache
+            return
+        assert self.retriever is not None and self.store is not None
+        with retrieval_hooks(self.backbone, self.injector, self.retriever, self.store, cache, token_mask, gap):
+            yield cache
 
     @staticmethod
     def _widen_mask(mask: torch.Tensor | None, input_ids: torch.Tensor, memory: int) -> torch.Tensor:
@@ -350,19 +471,29 @@ class MemkitModel(nn.Module):
             raise InputError("memkit's forward takes input_ids, not inputs_embeds")
         self._check_batch(input_ids, attention_mask)
         assert input_ids is not None
-        if past_key_values is None:
-            cache = self._memory_cache(input_ids.shape[0])
-            past = 0
-        elif isinstance(past_key_values, MemoryCache):
-            cache, past = past_key_values, past_key_values.get_seq_length() - past_key_values.memory_length
-        else:
-            raise InputError(
-                "past_key_values must be a cache returned by this MemkitModel (a memkit MemoryCache); "
-                f"got {type(past_key_values).__name__}"
-            )
-        memory = cache.memory_length if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if past_key_values is None:
+            with self._read(input_ids.shape[0], attention_mask) as cache:
+                return self._forward(input_ids, attention_mask, labels, cache, 0, kwargs)
+        if isinstance(past_key_values, MemoryCache):
+            past = past_key_values.get_seq_length() - past_key_values.memory_length
+            return self._forward(input_ids, attention_mask, labels, past_key_values, past, kwargs)
+        raise InputError(
+            "past_key_values must be a cache returned by this MemkitModel (a memkit MemoryCache); "
+            f"got {type(past_key_values).__name__}"
+        )
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        cache: MemoryCache | None,
+        past: int,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        memory = cache.memory_length if cache is not None else 0
         if past:
             prev = torch.ones(input_ids.shape[0], past, dtype=attention_mask.dtype, device=attention_mask.device)
             attention_mask = torch.cat([prev, attention_mask], dim=1)
@@ -399,12 +530,13 @@ class MemkitModel(nn.Module):
         base_config = kwargs.get("generation_config") or self.base_model.generation_config or GenerationConfig()
         beams = int(kwargs.get("num_beams") or getattr(base_config, "num_beams", 1) or 1)
         returns = int(kwargs.get("num_return_sequences") or getattr(base_config, "num_return_sequences", 1) or 1)
-        rows = input_ids.shape[0] * max(beams, returns)
-        cache = self._memory_cache(rows)
-        if cache is None:
-            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        full_mask = self._widen_mask(attention_mask, input_ids, cache.memory_length)
-        return model.generate(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, **kwargs)
+        expand = max(beams, returns)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        with self._read(input_ids.shape[0] * expand, mask.repeat_interleave(expand, dim=0)) as cache:
+            if cache is None:
+                return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            full_mask = self._widen_mask(attention_mask, input_ids, cache.memory_length)
+            return model.generate(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, **kwargs)
 
     # -- persistence -------------------------------------------------------------------------------------
 
@@ -417,6 +549,10 @@ class MemkitModel(nn.Module):
             "pool": self.recipe.pool.name,
             "capacity": self.pool.capacity,
             "write_size": self.pool.write_size,
+            "store": self.recipe.store.name if self.recipe.store else None,
+            "store_capacity": self.store.capacity if self.store is not None else None,
+            "retriever": self.recipe.retriever.name if self.recipe.retriever else None,
+            "key_size": self.retriever.key_size if self.retriever is not None else None,
         }
 
     def save_memory(self, path: str | os.PathLike[str]) -> None:
@@ -427,6 +563,8 @@ class MemkitModel(nn.Module):
         """
         self._alive()
         tensors = {f"pool.{name}": t for name, t in self.pool.state_dict().items()}
+        if self.store is not None:
+            tensors.update({f"store.{name}": t for name, t in self.store.state_dict().items()})
         meta = {
             "memkit_version": __version__,
             "recipe": self.recipe.name,
@@ -462,11 +600,17 @@ class MemkitModel(nn.Module):
                 f"would change them silently. Wrap with pool={{'dtype': '{meta.get('dtype')}'}} to load it as it is"
             )
         pool_state = {name[len("pool.") :]: t for name, t in tensors.items() if name.startswith("pool.")}
+        store_state = {name[len("store.") :]: t for name, t in tensors.items() if name.startswith("store.")}
         snapshot = self.pool.snapshot()
+        store_snapshot = self.store.state_dict() if self.store is not None else None
         try:
             self.pool.load_state_dict(pool_state)
+            if self.store is not None:
+                self.store.load_state_dict(store_state)
         except BaseException:
             self.pool.load_state_dict(snapshot)
+            if self.store is not None and store_snapshot is not None:
+                self.store.load_state_dict(store_snapshot)
             raise
         finally:
             self._invalidate()
@@ -483,6 +627,8 @@ class MemkitModel(nn.Module):
         """
         self._alive()
         model = self.base_model
+        if self.adapters is not None:
+            self.adapters.remove()
         self._invalidate()
         self._unwrapped = True
         del self.base_model

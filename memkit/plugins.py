@@ -32,7 +32,11 @@ __all__ = [
 #: Modules whose hooks register memkit's built-in parts and recipes.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "memkit.builtin.pool",
+    "memkit.builtin.store",
+    "memkit.builtin.hnsw_store",
     "memkit.builtin.injector",
+    "memkit.builtin.projector_retriever",
+    "memkit.builtin.attention_retriever",
     "memkit.builtin.recipes",
 )
 #: The entry-point group third-party plugins declare.

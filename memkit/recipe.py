@@ -29,6 +29,7 @@ from typing import Any
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from memkit.adapters import AdapterSpec
 from memkit.config import MemkitConfig
 from memkit.errors import RecipeError
 
@@ -66,6 +67,12 @@ class Recipe(MemkitConfig):
         "rope_parameters form (MemoryLLM-8B: {rope_type = 'linear', factor = 1.8125}); none by default",
     )
     store: PartSpec | None = Field(None, description="the LongTermStore for evicted memory (M+); none by default")
+    adapters: AdapterSpec | None = Field(
+        None, description="LoRA adapters for writing and reading memory (M+: two of rank 16); none by default"
+    )
+    retrieve: int = Field(
+        0, ge=0, description="long-term entries brought back per layer for each read (M+: 2,560); needs a store"
+    )
     retriever: PartSpec | None = Field(None, description="the Retriever for the long-term store; none by default")
 
     @field_validator("name")
@@ -109,7 +116,7 @@ class Recipe(MemkitConfig):
         return "\n".join(lines) + "\n"
 
 
-_PART_FIELDS = ("pool", "injector", "store", "retriever", "rope_scaling")
+_PART_FIELDS = ("pool", "injector", "store", "retriever", "rope_scaling", "adapters")
 
 
 def _toml_value(value: Any) -> str:

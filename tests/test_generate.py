@@ -15,14 +15,22 @@ TEXT = torch.arange(10, 45)  # 35 tokens: four full chunks of 8 and a short one
 @pytest.fixture
 def free():
     model = tiny_model("llama")
-    mem = memkit.wrap(model, "training-free", chunk_size=8, pool={"capacity": 64, "write_size": 8})
+    mem = memkit.wrap(
+        model,
+        "training-free",
+        chunk_size=8,
+        retrieve=0,
+        pool={"capacity": 64, "write_size": 8},
+        injector={"write_context": "all"},
+    )
     mem.inject(TEXT)
     return model, mem
 
 
 def _plain_generate(model, prompts: torch.Tensor, **kwargs) -> torch.Tensor:
-    # memory of the training-free recipe equals the KV cache of TEXT: compare with TEXT in the prompt.
-    with_text = torch.cat([TEXT.expand(prompts.shape[0], -1), prompts], dim=1)
+    # memory of the training-free recipe equals the KV cache of BOS + TEXT: compare with them in the prompt.
+    bos_text = torch.cat([torch.tensor([model.config.bos_token_id]), TEXT])
+    with_text = torch.cat([bos_text.expand(prompts.shape[0], -1), prompts], dim=1)
     out = model.generate(with_text, attention_mask=torch.ones_like(with_text), **kwargs)
     return torch.cat([prompts.repeat_interleave(out.shape[0] // prompts.shape[0], 0), out[:, with_text.shape[1] :]], 1)
 

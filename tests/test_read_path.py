@@ -35,14 +35,22 @@ def test_cache_read_matches_concatenation_reference(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_free_memory_equals_kv_cache_of_injected_tokens(family):
-    # capture="input" with all memory in view: reading memory equals having the text in the prompt.
-    model, mem = _wrapped(family, "training-free", chunk_size=8, pool={"capacity": 64, "write_size": 8})
+    # capture="input", a BOS sink and all memory in view: reading memory equals BOS + the text in the prompt.
+    model, mem = _wrapped(
+        family,
+        "training-free",
+        chunk_size=8,
+        retrieve=0,
+        pool={"capacity": 64, "write_size": 8},
+        injector={"write_context": "all"},
+    )
     text = torch.randint(3, 128, (21,))  # two full chunks and a short one
     mem.inject(text)
     prompt = torch.randint(3, 128, (1, 5))
+    bos = torch.tensor([[model.config.bos_token_id]])
     with torch.no_grad():
         ours = mem(prompt).logits
-        plain = model(torch.cat([text.unsqueeze(0), prompt], dim=1)).logits[:, -5:]
+        plain = model(torch.cat([bos, text.unsqueeze(0), prompt], dim=1)).logits[:, -5:]
     assert mem.memory_size == 21
     assert (ours - plain).abs().max().item() <= 1e-5
 

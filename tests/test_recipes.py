@@ -64,7 +64,9 @@ def test_write_size_larger_than_capacity_is_refused():
 
 def test_capturing_inputs_with_chunks_longer_than_k_is_refused():
     with pytest.raises(memkit.RecipeError, match="chunk_size <= pool.write_size"):
-        memkit.wrap(tiny_model("llama"), "training-free", chunk_size=256, pool={"capacity": 64, "write_size": 8})
+        memkit.wrap(
+            tiny_model("llama"), "training-free", chunk_size=256, retrieve=0, pool={"capacity": 64, "write_size": 8}
+        )
 
 
 def test_a_recipe_file_and_a_recipe_object_work_like_a_name(tmp_path):

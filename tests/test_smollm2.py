@@ -26,7 +26,8 @@ def one_thread():
 @pytest.mark.parametrize("recipe", ["memoryllm", "training-free"])
 def test_cache_read_matches_concatenation_reference_on_smollm2(smollm2, recipe, one_thread):
     model, _ = smollm2
-    mem = memkit.wrap(model, recipe, chunk_size=32, pool={"capacity": 96, "write_size": 32})
+    # retrieve=0: this checks the pool read; tests/test_mplus.py checks reads with retrieval
+    mem = memkit.wrap(model, recipe, chunk_size=32, retrieve=0, pool={"capacity": 96, "write_size": 32})
     try:
         torch.manual_seed(0)
         mem.inject(torch.randint(100, 40000, (100,)))

@@ -55,3 +55,53 @@ def test_wrapping_a_wrapped_model_is_refused():
     mem = memkit.wrap(tiny_model("llama"), "memoryllm", chunk_size=16, pool={"capacity": 24, "write_size": 8})
     with pytest.raises(memkit.IncompatibleModelError, match="already wrapped"):
         memkit.wrap(mem)
+
+
+def test_unwrap_removes_the_recipe_lora_adapters_and_restores_the_model():
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before_logits = model(ids).logits
+    before_modules = [(name, type(m)) for name, m in model.named_modules()]
+    before_grad = {k: p.requires_grad for k, p in model.named_parameters()}
+    mem = memkit.wrap(
+        model,
+        "mplus",
+        chunk_size=16,
+        retrieve=8,
+        pool={"capacity": 24, "write_size": 8},
+        store={"capacity": 100},
+        retriever={"key_size": 8},
+        adapters={"rank": 2},
+    )
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(mem(ids).logits, before_logits)  # fresh LoRA adapters are the identity
+        for layer in mem.adapters.layers:  # make both adapters matter
+            for adapter in ("write", "read"):
+                layer.lora_B[adapter].weight.normal_()
+    mem.inject(torch.arange(3, 60))
+    back = mem.unwrap()
+    assert [(name, type(m)) for name, m in back.named_modules()] == before_modules
+    assert {k: p.requires_grad for k, p in back.named_parameters()} == before_grad
+    assert "peft_config" not in vars(back)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, before_logits)
+
+
+def test_the_write_adapter_is_active_while_writing_and_the_read_adapter_while_reading():
+    model = tiny_model("llama")
+    mem = memkit.wrap(model, "memoryllm", chunk_size=16, pool={"capacity": 24, "write_size": 8}, adapters={"rank": 2})
+    seen = []
+    layer = mem.adapters.layers[0]
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(module.active_adapters[0]))
+    try:
+        mem.inject(torch.arange(3, 20))
+        written = set(seen)
+        seen.clear()
+        with torch.no_grad():
+            mem(torch.tensor([[5, 6]]))
+        read = set(seen)
+    finally:
+        handle.remove()
+    assert written == {"write"} and read == {"read"}

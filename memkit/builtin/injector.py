@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from memkit.cache import build_memory_cache
+from memkit.cache import LayerKV, build_memory_cache
 from memkit.config import MemkitConfig
 from memkit.errors import IncompatibleModelError, InputError
 from memkit.hookspecs import hookimpl
@@ -55,10 +55,12 @@ class KVInjector(Injector):
     name = "kv"
 
     class Config(MemkitConfig):
-        bos: Literal["learned", "none"] = Field(
+        bos: Literal["learned", "token", "none"] = Field(
             "learned",
-            description="put a learned per-layer BOS vector at position 0 of every prefix ('learned', "
-            "initialised from the BOS token embedding as MemoryLLM does) or nothing ('none')",
+            description="what sits at position 0 of every prefix: a learned per-layer BOS vector ('learned', "
+            "initialised from the BOS token embedding as MemoryLLM does), each layer's input for the BOS token "
+            "itself ('token': a fixed attention sink, so that memory equals a KV cache of BOS + the injected "
+            "tokens), or nothing ('none')",
         )
         capture: Literal["output", "input"] = Field(
             "output",
@@ -86,9 +88,9 @@ class KVInjector(Injector):
         super().__init__(config, backbone=backbone, write_size=write_size)
         lyr, d = backbone.num_layers, backbone.hidden_size
         dev, dt = backbone.device, backbone.dtype
-        self.bos_embedding: nn.Parameter | None = None
+        self.bos_embedding: torch.Tensor | None = None
         self.new_memory_positional_emb: nn.Parameter | None = None
-        if config.bos == "learned":
+        if config.bos != "none":
             bos_id = config.bos_token_id if config.bos_token_id is not None else backbone.config.bos_token_id
             if isinstance(bos_id, (list, tuple)):
                 bos_id = bos_id[0]
@@ -98,9 +100,20 @@ class KVInjector(Injector):
                     f"the injector's learned BOS needs a BOS token id in [0, {vocab}), got {bos_id!r} from the "
                     "model config; set injector.bos_token_id in the recipe or use injector.bos = 'none'"
                 )
+            token = torch.tensor([[int(bos_id)]], device=dev)
             with torch.no_grad():
-                init = backbone.embeddings(torch.tensor([int(bos_id)], device=dev)).to(dt)
-            self.bos_embedding = nn.Parameter(init.reshape(1, 1, d).repeat(lyr, 1, 1).clone())
+                init = backbone.embeddings(token).to(dt)
+                if config.bos == "learned":
+                    self.bos_embedding = nn.Parameter(init.reshape(1, 1, d).repeat(lyr, 1, 1).clone())
+                else:
+                    inputs: dict[int, torch.Tensor] = {}
+
+                    def keep(layer: int, hidden: torch.Tensor) -> None:
+                        inputs[layer] = hidden[0].detach().clone()
+
+                    backbone.run_decoder(init, None, pre_hook=keep)
+                    del self.bos_embedding  # the plain attribute set above; it becomes a buffer
+                    self.register_buffer("bos_embedding", torch.stack([inputs[i] for i in range(lyr)]))
         if config.new_memory_embedding:
             self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d, device=dev, dtype=dt))
         self.requires_grad_(False)
@@ -113,13 +126,25 @@ class KVInjector(Injector):
             return memory
         return torch.cat([self.bos_embedding.to(memory.dtype), memory], dim=1)
 
-    def prefix(self, memory: torch.Tensor) -> MemoryPrefix:
-        if memory.shape[1] == 0:
+    @property
+    def gap_start(self) -> int:
+        return 0 if self.bos_embedding is None else 1
+
+    def prefix(self, memory: torch.Tensor, gap: int = 0, *, always: bool = False) -> MemoryPrefix:
+        if memory.shape[1] == 0 and gap == 0 and not always:
             return MemoryPrefix([], 0)
         vectors = self._with_bos(memory)
         length = int(vectors.shape[1])
-        kv = self.backbone.layer_kv(vectors, torch.arange(length, device=vectors.device))
-        return MemoryPrefix(kv, length)
+        positions = torch.arange(length, device=vectors.device)
+        start = self.gap_start
+        positions[start:] += gap  # memory moves right to make room for `gap` retrieved vectors
+        kv = self.backbone.layer_kv(vectors, positions)
+        if gap:
+            kv = [(_open_gap(k, start, gap), _open_gap(v, start, gap)) for k, v in kv]
+        return MemoryPrefix(kv, length + gap)
+
+    def layer_kv(self, layer: int, vectors: torch.Tensor, position_ids: torch.Tensor) -> LayerKV:
+        return self.backbone.layer_kv_single(layer, vectors.to(self.backbone.device), position_ids)
 
     # -- write ----------------------------------------------------------------------------------------
 
@@ -147,7 +172,10 @@ class KVInjector(Injector):
         visible = min(m, max(context, reread))
         prefix_mem = memory[:, m - visible : m - reread]
         reread_mem = memory[:, m - reread :].to(device=bb.device, dtype=bb.dtype)
-        prefix = self.prefix(prefix_mem) if (visible - reread) > 0 else MemoryPrefix([], 0)
+        # A fixed BOS sink ('token') precedes every write, even into empty memory, so that memory is the KV
+        # cache of BOS + the injected text; MemoryLLM's own rule writes into empty memory without a prefix.
+        sink = cfg.bos == "token"
+        prefix = self.prefix(prefix_mem, always=sink) if (visible - reread) > 0 or sink else MemoryPrefix([], 0)
         cache = build_memory_cache(bb.model.config, prefix.layer_kv, 1) if prefix.length else None
 
         embeds = bb.embeddings(input_ids.to(bb.device))
@@ -180,6 +208,12 @@ class KVInjector(Injector):
                 "skipped some layers, so memkit cannot write memory for this model"
             )
         return torch.stack([captured[i] for i in range(bb.num_layers)])
+
+
+def _open_gap(states: torch.Tensor, start: int, gap: int) -> torch.Tensor:
+    """Insert ``gap`` zero positions at ``start`` along the sequence axis of ``[1, h, p, e]``."""
+    zeros = states.new_zeros(*states.shape[:2], gap, states.shape[3])
+    return torch.cat([states[:, :, :start], zeros, states[:, :, start:]], dim=2)
 
 
 @hookimpl

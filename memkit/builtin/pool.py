@@ -55,6 +55,12 @@ class RandomDropPool(MemoryPool):
         dtype: Literal["model", "float32", "float16", "bfloat16"] = Field(
             "model", description="storage dtype of the vectors; 'model' uses the model's dtype"
         )
+        age_short_term: bool = Field(
+            True,
+            description="add k to the age of every vector already held at each write of k vectors; False keeps "
+            "held ages as written, reproducing the official M+ inference code, whose short-term ages never "
+            "advance (memkit.from_pretrained(..., fidelity='official') sets it)",
+        )
 
         @model_validator(mode="after")
         def _k_fits(self) -> RandomDropPool.Config:
@@ -127,7 +133,7 @@ class RandomDropPool(MemoryPool):
         vectors = vectors.detach().to(device=self.device, dtype=self.dtype)
         new_ages = torch.arange(k - 1, -1, -1, device=self.device).expand(lyr, k)
         new_sources = torch.full((lyr, k), int(source), dtype=torch.long, device=self.device)
-        old_ages = self._ages + k
+        old_ages = self._ages + k if self.config.age_short_term else self._ages
 
         if self.size == 0 and self.config.init == "tile":
             reps = -(-self.capacity // k)

@@ -39,7 +39,9 @@ class Injector(nn.Module, ABC):
     * :meth:`prefix` turns per-layer memory vectors ``[l, m, d]`` into a :class:`MemoryPrefix`: the keys
       and values each decoder layer would compute for those vectors (plus anything the injector adds,
       such as a learned BOS), at the positions its position policy gives. It must compute them with the
-      model's own layers and never edit the model.
+      model's own layers and never edit the model. With ``gap=g`` it leaves ``g`` zero-filled positions
+      starting at :attr:`gap_start` (after any BOS, before the memory) for long-term vectors that are
+      retrieved per layer during the forward pass; :meth:`layer_kv` computes those.
     * :meth:`capture` runs one chunk of tokens ``[1, n]`` through the model after a prefix built from
       the pool's most recent vectors, and returns the ``K`` new vectors per layer ``[l, K, d]`` that the
       pool will store. It must remove every hook it adds, also on error, and must not change the pool.
@@ -67,9 +69,18 @@ class Injector(nn.Module, ABC):
         # Not a submodule: the backbone wraps the user's model, which the injector must not own.
         object.__setattr__(self, "backbone", backbone)
 
+    @property
+    def gap_start(self) -> int:
+        """First position of the gap that :meth:`prefix` leaves for retrieved long-term vectors."""
+        return 0
+
     @abstractmethod
-    def prefix(self, memory: torch.Tensor) -> MemoryPrefix:
-        """Keys and values for reading ``memory`` ``[l, m, d]`` (``m`` may be 0)."""
+    def prefix(self, memory: torch.Tensor, gap: int = 0) -> MemoryPrefix:
+        """Keys and values for reading ``memory`` ``[l, m, d]`` (``m`` may be 0), leaving ``gap`` positions."""
+
+    @abstractmethod
+    def layer_kv(self, layer: int, vectors: torch.Tensor, position_ids: torch.Tensor) -> LayerKV:
+        """Keys and values ``([1, h, g, e], [1, h, g, e])`` of one layer for ``vectors`` ``[g, d]``."""
 
     @abstractmethod
     def capture(self, input_ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from memkit.config import MemkitConfig
 from memkit.interfaces.store import LongTermStore
+
+if TYPE_CHECKING:
+    from memkit.backbone import Backbone
 
 __all__ = ["Retriever"]
 
@@ -19,13 +22,13 @@ class Retriever(nn.Module, ABC):
 
     Contract:
 
-    * :meth:`keys` maps one layer's memory vectors ``[m, d]`` to keys ``[m, key_size]``; the store
-      keeps these keys beside the vectors.
-    * :meth:`select` receives one layer's (normalised) input hidden states of the prompt ``[n, d]``,
-      scores the store's entries for that layer, and returns at most ``k`` entry ids ``[k']``,
-      **ordered oldest first** (largest age first), ready to be placed before the pool's vectors.
-      It must raise :class:`~memkit.errors.InputError` if ``k`` exceeds what the store holds and the
-      retriever cannot pad, and it must never return an id the store does not hold.
+    * :meth:`keys` maps one layer's memory vectors, already passed through that layer's input norm
+      (``[m, d]``), to keys ``[m, key_size]``; the store keeps these keys beside the vectors.
+    * :meth:`select` receives one layer's input hidden states of the prompt, passed through that
+      layer's input norm (``[n, d]``), scores the store's entries for that layer (proposals from
+      :meth:`LongTermStore.candidates`, scored exactly), and returns exactly ``min(k, store.size(layer))``
+      distinct entry ids, **ordered oldest first** (largest age first), ready to be placed before the
+      pool's vectors. It must never return an id the store does not hold.
     * A retriever is an ``nn.Module``: trainable parameters (projectors) live on it and are saved
       with the recipe's weights, not with the memory state.
 
@@ -47,7 +50,7 @@ class Retriever(nn.Module, ABC):
 
         def select(self, layer, hidden, store, k):
             n = store.size(layer)
-            return torch.arange(max(n - k, 0), n)
+            return torch.arange(max(n - k, 0), n)  # the newest k rows, oldest of them first
     ```
 
     Class attributes:
@@ -57,12 +60,16 @@ class Retriever(nn.Module, ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[MemkitConfig]]
+    #: The model view (for layer norms and attention projections); not a submodule.
+    backbone: Backbone
 
-    def __init__(self, config: MemkitConfig, *, num_layers: int, hidden_size: int) -> None:
+    def __init__(self, config: MemkitConfig, *, backbone: Backbone) -> None:
         super().__init__()
         self.config = config
-        self.num_layers = num_layers
-        self.hidden_size = hidden_size
+        self.num_layers = backbone.num_layers
+        self.hidden_size = backbone.hidden_size
+        # Not a submodule: the retriever must not own the user's model.
+        object.__setattr__(self, "backbone", backbone)
 
     @property
     @abstractmethod
@@ -75,4 +82,4 @@ class Retriever(nn.Module, ABC):
 
     @abstractmethod
     def select(self, layer: int, hidden: torch.Tensor, store: LongTermStore, k: int) -> torch.Tensor:
-        """Ids ``[k']`` (``k' <= k``) of the entries of ``layer`` to bring back, oldest first."""
+        """Exactly ``min(k, store.size(layer))`` distinct entry ids of ``layer`` to bring back, oldest first."""

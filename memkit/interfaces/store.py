@@ -109,6 +109,14 @@ class LongTermStore(ABC):
     def get(self, layer: int, ids: torch.Tensor) -> StoreEntries:
         """The entries with these ids (``[m]`` int64) of ``layer``, in the order of ``ids``."""
 
+    def keys(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Keys ``[m, key_size]`` of entries ``ids`` ``[m]``; a store may override this to avoid gathering vectors."""
+        return self.get(layer, ids).keys
+
+    def ages(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Ages ``[m]`` of entries ``ids`` ``[m]``; a store may override this to avoid gathering vectors."""
+        return self.get(layer, ids).ages
+
     @abstractmethod
     def reset(self) -> None:
         """Remove every entry and zero the counters."""

@@ -1,0 +1,304 @@
+"""The built-in approximate :class:`~memkit.interfaces.LongTermStore`: staged store plus an hnswlib index.
+
+:class:`HnswStore` behaves exactly like :class:`~memkit.builtin.store.ExactStore` (same staging,
+merging, capacity, eviction, ages and persistence: both derive from
+:class:`~memkit.builtin.store.StagedStore`), and indexes each layer's retriever keys in an hnswlib
+graph, from which it proposes candidates.
+
+Memory per entry: its vector, 16 bytes of age and source, an 8-byte label, its key (with
+``key_copy``, the default) and its index node: hnswlib keeps every indexed vector as float32
+(``4 * key_size`` bytes, 4 more in the ``"mips-l2"`` space), about ``8 * M`` bytes of links and some
+bookkeeping. Without ``key_copy`` the keys are read back from the index (exactly: float32 holds every
+storage dtype's values), which removes the tensor copy but is slow, because hnswlib 0.8's
+``get_items`` goes through Python lists (about 25 us per key of width 256): fine for
+:meth:`~HnswStore.state_dict` or :meth:`~HnswStore.entries`, too slow for scoring thousands of
+candidates per prompt. ``benchmarks/store_scaling.py`` measures both against the entry's raw bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import hnswlib
+import numpy as np
+import torch
+from pydantic import Field
+
+from memkit.builtin.store import StagedStore, _Layer
+from memkit.hookspecs import hookimpl
+from memkit.registry import Registry
+
+__all__ = ["HnswStore"]
+
+
+class _LayerIndex:
+    """One layer's hnswlib index, created on the first insertion, grown up to the store's capacity.
+
+    Labels are given out in increasing order and never reused, so the live rows of a layer (kept in
+    insertion order) carry increasing labels, and a label's row is found by binary search.
+    """
+
+    __slots__ = ("bound", "deleted", "index", "next_label")
+
+    def __init__(self) -> None:
+        self.index: Any = None
+        self.next_label = 0
+        self.deleted = 0  # marked deleted and not yet replaced
+        self.bound = 0.0  # "mips-l2": the norm every indexed key is padded to
+
+
+class HnswStore(StagedStore):
+    """:class:`~memkit.builtin.store.StagedStore` with one hnswlib index per layer over its keys.
+
+    **Candidates.** For a prompt's queries ``[q, k]`` the store asks the index for the
+    ``fetch = max(ceil(overfetch * k), min_fetch)`` entries of largest inner product with the mean
+    query, and, if ``per_query > 0``, for the ``per_query`` best of each query; it proposes the union,
+    as sorted ids. Why the mean query: for dot products of moderate size ``sigmoid(x) ~ 1/2 + x/4``,
+    so M+'s score ``mean_i sigmoid(q_i . k_j)`` ranks entries nearly as ``mean(q) . k_j`` does; the
+    over-fetch covers where the sigmoid bends. With ``fetch >= size`` the store proposes every entry,
+    as it does when hnswlib cannot complete a search.
+
+    **Space.** ``space="ip"`` indexes the keys in hnswlib's inner-product space. The default,
+    ``"mips-l2"``, uses the standard reduction of inner-product search to Euclidean search (Bachrach
+    et al. 2014): each key ``k`` is indexed as ``[k, sqrt(B^2 - |k|^2)]`` and each query ``q`` searched
+    as ``[q, 0]``, so ``|q' - k'|^2 = |q|^2 + B^2 - 2 q . k`` ranks keys exactly by ``q . k``, while the
+    graph is built in a true metric space. hnswlib's ``"ip"`` graphs search markedly worse on such
+    keys: in ``benchmarks/store_scaling.py`` (150k low-rank keys of width 256, 64 queries), recall of
+    M+'s top-2560 is 0.80 with ``"ip"`` and 0.999 with ``"mips-l2"``, of the top-64 0.946 and 0.994,
+    at similar search time. ``B`` is ``norm_headroom`` times the largest key norm seen; a key longer
+    than ``B`` makes the layer's index be rebuilt with a new ``B`` (rare: ``B`` grows geometrically).
+
+    **Keys.** With ``key_copy`` (the default) the keys are also kept as a tensor in the storage dtype,
+    which :meth:`get`, :meth:`keys` and :meth:`entries` read. Without it they are read back from the
+    index with ``get_items`` (exact, but about 25 us per key, see the module docstring): 1.09x
+    instead of 1.15x an entry's raw bytes at M+'s sizes, but slower than exact retrieval.
+
+    **Eviction.** An evicted entry is removed from the index at once with ``mark_deleted``; the
+    index is built with ``allow_replace_deleted=True`` and new entries are inserted with
+    ``replace_deleted=True``, so they reuse the slots of deleted ones and the index never holds more
+    than ``capacity`` nodes. (No rebuild at merge: merging changes no row or key, only where a row is
+    counted, so the index is untouched.)
+
+    **Persistence.** :meth:`state_dict` saves the keys (read back from the index), not the index:
+    :meth:`load_state_dict` rebuilds the index from them, inserting rows in order. The rebuilt graph
+    can differ from the one that grew through adds and evictions, so proposals after a round trip
+    can differ where the search is not exhaustive; with ``num_threads=1`` the rebuild is
+    deterministic, so two loads of the same state propose the same candidates.
+    """
+
+    name = "hnsw"
+
+    class Config(StagedStore.Config):
+        M: int = Field(
+            16,
+            description=(
+                "hnswlib M: links per node (2M on the bottom layer); more raises recall and memory "
+                "(about 8*M bytes per entry)"
+            ),
+            ge=2,
+        )
+        ef_construction: int = Field(
+            200,
+            description="hnswlib ef_construction: candidate list size while inserting; more: better graph, slower",
+            gt=0,
+        )
+        ef_search: int = Field(
+            128,
+            description="least hnswlib ef at query time: a search for n neighbours uses ef = max(ef_search, n)",
+            gt=0,
+        )
+        overfetch: float = Field(
+            4.0,
+            description="for top-k retrieval the mean query fetches ceil(overfetch * k) neighbours, at least min_fetch",
+            ge=1.0,
+        )
+        min_fetch: int = Field(
+            1024,
+            description="the fewest neighbours the mean query fetches, however small k is (small k needs more slack)",
+            ge=0,
+        )
+        per_query: int = Field(
+            0,
+            description="also fetch this many neighbours of every query and propose their union; 0 turns it off",
+            ge=0,
+        )
+        num_threads: int | None = Field(
+            None,
+            description="threads hnswlib uses to insert and search; None uses torch.get_num_threads()",
+            gt=0,
+        )
+        seed: int = Field(100, description="hnswlib's random seed (node levels)", ge=0)
+        space: Literal["mips-l2", "ip"] = Field(
+            "mips-l2",
+            description=(
+                "'mips-l2': index keys padded to one norm in hnswlib's l2 space (exact inner-product "
+                "ranking, better graphs); 'ip': hnswlib's inner-product space on the raw keys"
+            ),
+        )
+        norm_headroom: float = Field(
+            1.25,
+            description="'mips-l2': keys are padded to this many times the largest key norm seen",
+            ge=1.0,
+        )
+        key_copy: bool = Field(
+            True,
+            description=(
+                "also keep the keys as a tensor (storage dtype) beside the index; without it keys are read "
+                "back from the index, which saves 2-4 bytes per key component but costs ~25 us per key"
+            ),
+        )
+
+    config: Config
+
+    def __init__(self, config: Config, *, num_layers: int, hidden_size: int, key_size: int) -> None:
+        self.extra_columns = ("labels", "keys") if config.key_copy else ("labels",)
+        super().__init__(config, num_layers=num_layers, hidden_size=hidden_size, key_size=key_size)
+
+    # -- hooks --------------------------------------------------------------------------------------
+
+    def _new_aux(self, layer: int) -> _LayerIndex:
+        return _LayerIndex()
+
+    def _empty_extra(self) -> dict[str, torch.Tensor]:
+        extra = {"labels": torch.zeros(0, dtype=torch.int64)}
+        if self.config.key_copy:
+            extra["keys"] = torch.zeros(0, self.key_size, dtype=self.dtype)
+        return extra
+
+    def _threads(self) -> int:
+        return self.config.num_threads or max(1, torch.get_num_threads())
+
+    def _admit(self, layer: _Layer, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        aux: _LayerIndex = layer.aux
+        m = int(keys.shape[0])
+        keys32 = keys.to(torch.float32)
+        if self.config.space == "mips-l2":
+            longest = float(torch.linalg.vector_norm(keys32, dim=1).max())
+            if aux.index is None:
+                aux.bound = self.config.norm_headroom * longest
+            elif longest > aux.bound:
+                self._rebuild(layer, self.config.norm_headroom * longest)
+        if aux.index is None:
+            aux.index = self._new_index(min(self.capacity, max(m, 1024)))
+        index = aux.index
+        # Replacement reuses deleted slots first; only the rest need new ones.
+        needed = int(index.element_count) + max(0, m - aux.deleted)
+        if needed > index.max_elements:
+            index.resize_index(min(self.capacity, max(needed, 2 * int(index.max_elements))))
+        labels = torch.arange(aux.next_label, aux.next_label + m, dtype=torch.int64)
+        points = self._points(keys32, aux.bound)
+        index.add_items(points, labels.numpy(), num_threads=self._threads(), replace_deleted=True)
+        aux.next_label += m
+        aux.deleted -= min(m, aux.deleted)
+        return {"labels": labels, "keys": keys} if self.config.key_copy else {"labels": labels}
+
+    def _new_index(self, max_elements: int) -> Any:
+        dim = self.key_size + (1 if self.config.space == "mips-l2" else 0)
+        index = hnswlib.Index(space="l2" if self.config.space == "mips-l2" else "ip", dim=dim)
+        index.init_index(
+            max_elements=max_elements,
+            M=self.config.M,
+            ef_construction=self.config.ef_construction,
+            random_seed=self.config.seed,
+            allow_replace_deleted=True,
+        )
+        return index
+
+    def _points(self, keys32: torch.Tensor, bound: float) -> np.ndarray:
+        """What the index stores for float32 keys ``[m, k]``: the keys, padded in ``"mips-l2"``."""
+        if self.config.space == "ip":
+            return keys32.numpy()
+        squared = torch.linalg.vector_norm(keys32.double(), dim=1) ** 2
+        pad = (bound * bound - squared).clamp(min=0).sqrt().to(torch.float32)
+        return torch.cat([keys32, pad[:, None]], dim=1).numpy()
+
+    def _rebuild(self, layer: _Layer, bound: float) -> None:
+        """Re-index ``layer``'s live entries (same labels) with a new padding norm ``bound``."""
+        aux: _LayerIndex = layer.aux
+        labels = layer.column("labels")
+        keys32 = layer.column("keys").float() if self.config.key_copy else self._raw_keys(aux, labels)
+        aux.index = self._new_index(min(self.capacity, max(int(labels.numel()), 1024)))
+        aux.bound, aux.deleted = bound, 0
+        if labels.numel():
+            aux.index.add_items(self._points(keys32, bound), labels.numpy(), num_threads=self._threads())
+
+    def _forget(self, layer: _Layer, extra: dict[str, torch.Tensor]) -> None:
+        aux: _LayerIndex = layer.aux
+        for label in extra["labels"].tolist():
+            aux.index.mark_deleted(label)
+        aux.deleted += int(extra["labels"].numel())
+
+    def _keys(self, layer: _Layer, extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "keys" in extra:
+            return extra["keys"]
+        return self._raw_keys(layer.aux, extra["labels"]).to(self.dtype)
+
+    def _raw_keys(self, aux: _LayerIndex, labels: torch.Tensor) -> torch.Tensor:
+        """The float32 keys ``[m, k]`` the index holds for ``labels`` (exact copies of the stored keys).
+
+        hnswlib 0.8's ``get_items`` builds a Python list of floats per item before making an array, so
+        this costs about 25 us per key of width 256 (0.26 s for 10,240 keys on one core).
+        """
+        if labels.numel() == 0:
+            return torch.zeros(0, self.key_size)
+        found = np.asarray(aux.index.get_items(labels.numpy(), return_type="numpy"), dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(found[:, : self.key_size]))
+
+    # -- candidates ---------------------------------------------------------------------------------
+
+    def fetch_size(self, k: int) -> int:
+        """How many neighbours of the mean query :meth:`candidates` asks for, for top-``k`` retrieval."""
+        return max(math.ceil(self.config.overfetch * k), self.config.min_fetch, k)
+
+    def candidates(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Sorted ids ``[c]`` proposed for top-``k`` retrieval with ``queries`` ``[q, key_size]``.
+
+        Every id when the layer holds at most :meth:`fetch_size` entries; else the index's
+        neighbours of the mean query (and of each query, with ``per_query``), see the class docstring.
+        """
+        lyr = self._layer(layer)
+        self._check_queries(queries, k)
+        n = lyr.size
+        fetch = self.fetch_size(k)
+        per_query = min(self.config.per_query, n)
+        if fetch >= n:
+            return torch.arange(n)
+        aux: _LayerIndex = lyr.aux
+        q = queries.detach().to(device="cpu", dtype=torch.float32)
+        if self.config.space == "mips-l2":
+            q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
+        searches = [(data, count) for data, count in ((q.mean(dim=0, keepdim=True), fetch), (q, per_query)) if count]
+        if not searches:  # k = 0 with min_fetch = 0 and no per-query search: nothing is asked for
+            return torch.zeros(0, dtype=torch.int64)
+        threads = self._threads()
+        found = []
+        try:
+            for data, count in searches:
+                aux.index.set_ef(max(self.config.ef_search, count))
+                labels, _ = aux.index.knn_query(data.numpy(), k=count, num_threads=threads)
+                found.append(torch.from_numpy(labels.astype(np.int64).reshape(-1)))
+        except RuntimeError:  # hnswlib found fewer than `count` live nodes: fall back to every entry
+            return torch.arange(n)
+        labels = torch.unique(torch.cat(found))
+        all_labels = lyr.column("labels")
+        rows = torch.searchsorted(all_labels, labels)
+        if bool((rows >= n).any()) or not torch.equal(all_labels[rows.clamp(max=n - 1)], labels):
+            raise RuntimeError("hnsw store: the index proposed a label the store does not hold; this is a bug")
+        return rows
+
+    # -- sizes --------------------------------------------------------------------------------------
+
+    def index_nodes(self, layer: int) -> int:
+        """Nodes in ``layer``'s index, including deleted ones not yet reused (at most ``capacity``)."""
+        aux: _LayerIndex = self._layer(layer).aux
+        return 0 if aux.index is None else int(aux.index.element_count)
+
+    def index(self, layer: int) -> Any:
+        """``layer``'s ``hnswlib.Index`` (``None`` before the first insertion); read-only use, please."""
+        return self._layer(layer).aux.index
+
+
+@hookimpl
+def register_stores(registry: Registry) -> None:
+    registry.add_store(HnswStore)
