@@ -148,6 +148,11 @@ class MemkitModel(nn.Module):
             )
         elif recipe.retrieve:
             raise RecipeError(f"recipe {recipe.name!r} retrieves {recipe.retrieve} entries but has no store")
+        if self.store is not None and recipe.retrieve > self.store.capacity:
+            raise RecipeError(
+                f"recipe {recipe.name!r} retrieves {recipe.retrieve} entries per layer, more than its store can ever "
+                f"hold ({self.store.capacity}); lower retrieve or raise store.capacity"
+            )
         self._check_recipe_fits()
         self._check_layers_carry_memory()
 

@@ -194,3 +194,19 @@ def test_a_retriever_returning_the_wrong_number_of_ids_is_refused():
     mem.retriever.select = lambda layer, hidden, store, k: original(layer, hidden, store, k)[:-1]
     with pytest.raises(memkit.PluginError, match="exactly 8 distinct"):
         mem(torch.tensor([[5, 6]]))
+
+
+def test_retrieving_more_than_the_store_can_hold_is_refused():
+    with pytest.raises(memkit.RecipeError, match="more than its store can ever hold"):
+        _mplus(retrieve=16, store={"capacity": 10})
+
+
+@torch.no_grad()
+def test_a_retriever_returning_ids_out_of_range_gets_a_clear_error():
+    mem = _mplus()
+    for _ in range(5):
+        mem.inject(torch.randint(3, 128, (32,)))
+    size = mem.store.size(0)
+    mem.retriever.select = lambda layer, hidden, store, k: torch.arange(size, size + k)
+    with pytest.raises(memkit.InputError):
+        mem(torch.tensor([[5, 6]]))
