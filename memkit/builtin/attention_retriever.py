@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import einops
 import torch
 from pydantic import Field
 
@@ -78,9 +79,10 @@ class AttentionRetriever(Retriever):
             return torch.zeros(0, dtype=torch.long)
         queries = self._queries(layer, hidden)  # [n, H, e]
         ids = store.candidates(layer, self._in_key_space(queries), want)
-        keys = store.keys(layer, ids).float().view(-1, self.kv_heads, self.head_dim)  # [c, G, e]
-        group = self.heads // self.kv_heads
-        keys = keys.repeat_interleave(group, dim=1)  # [c, H, e]
+        # c candidates, g key heads, r query heads per key head, e head dim
+        keys = einops.repeat(
+            store.keys(layer, ids).float(), "c (g e) -> c (g r) e", g=self.kv_heads, r=self.heads // self.kv_heads
+        )
         scale = 1.0 / math.sqrt(self.head_dim)
         mass = torch.zeros(keys.shape[0])
         for start in range(0, queries.shape[0], self.config.token_block):
