@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -19,29 +18,7 @@ import torch
 
 import memkit
 from memkit.local_models import load_smollm2
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NAMES = ("Alpha", "Bravo", "Charlie", "Delta", "Echo")
-
-
-def haystack(tokenizer, length: int, depths: list[float], seed: int) -> tuple[str, list[tuple[str, str]]]:
-    """Filler of about ``length`` tokens with one pass key per depth; returns the text and (name, key) pairs."""
-    rng = random.Random(seed)
-    per = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
-    reps = max(length // per, 1)
-    needles = [(NAMES[i], str(rng.randint(10000, 99999))) for i in range(len(depths))]
-    slots = {int(reps * d): i for i, d in enumerate(depths)}
-    parts = ["There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "]
-    for r in range(reps):
-        if r in slots:
-            name, key = needles[slots[r]]
-            parts.append(f"The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}. ")
-        parts.append(FILLER)
-    return "".join(parts), needles
-
-
-def question(name: str) -> str:
-    return f"What is the pass key of {name}? The pass key of {name} is"
+from memkit.testing.passkey import haystack, question
 
 
 def answer(model, tokenizer, prompt_ids: torch.Tensor, n: int = 8) -> str:
