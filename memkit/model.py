@@ -161,7 +161,7 @@ class MemkitModel(nn.Module):
     def _check_recipe_fits(self) -> None:
         recipe, cfg = self.recipe, self.backbone.config
         window = getattr(cfg, "max_position_embeddings", None)
-        bos = 1 if getattr(self.injector, "bos_embedding", None) is not None else 0
+        bos = self.injector.gap_start  # positions before memory (a BOS vector, or none)
         if window is not None:
             window = int(int(window) * self.backbone.position_scale)
         span = bos + recipe.retrieve + self.pool.capacity
@@ -169,9 +169,8 @@ class MemkitModel(nn.Module):
             raise RecipeError(
                 f"recipe {recipe.name!r} keeps {self.pool.capacity} memory vectors per layer and retrieves "
                 f"{recipe.retrieve} (positions 0..{span - 1}), which leaves no room in {cfg.model_type}'s window "
-                f"of {window} "
-                "positions; lower pool.capacity (wrap(model, recipe, pool={'capacity': ...})) or stretch the "
-                "window with the recipe's rope_scaling"
+                f"of {window} positions; lower pool.capacity (wrap(model, recipe, pool={{'capacity': ...}})) or "
+                "stretch the window with the recipe's rope_scaling"
             )
         capture = getattr(self.injector.config, "capture", None)
         if capture == "input" and recipe.chunk_size > self.pool.write_size:
