@@ -57,11 +57,12 @@ def retrieval_hooks(
         cached: Any = cache.layers[layer]
         keys, values = cached.keys, cached.values
         rows: list[torch.Tensor] = []
-        previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Rows repeated by beam search or num_return_sequences retrieve once.
+        previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for row in range(hidden.shape[0]):
             states = hidden[row][token_mask[row].to(torch.bool)]
             if previous is not None and torch.equal(previous[0], states):
-                ids, k_new, v_new = previous[1], *_kv_of(previous)
+                _, ids, k_new, v_new = previous
             else:
                 normed = backbone.input_norm(layer, states)
                 ids = retriever.select(layer, normed.detach(), store, k)
@@ -72,7 +73,7 @@ def retrieval_hooks(
                     )
                 vectors = store.get(layer, ids).vectors
                 k_new, v_new = injector.layer_kv(layer, vectors, positions)
-                previous = (states, ids, torch.stack([k_new, v_new]))
+                previous = (states, ids, k_new, v_new)
             keys[row : row + 1, :, start : start + k] = k_new.to(keys.dtype)
             values[row : row + 1, :, start : start + k] = v_new.to(values.dtype)
             rows.append(ids)
@@ -91,8 +92,3 @@ def retrieval_hooks(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _kv_of(previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    stacked = previous[2]
-    return stacked[0], stacked[1]
