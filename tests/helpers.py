@@ -36,3 +36,50 @@ def concat_reference_logits(model: PreTrainedModel, memory: torch.Tensor, input_
     finally:
         for h in handles:
             h.remove()
+
+
+# -- the official MemoryLLM reference (tests/fixtures/official-memoryllm-tiny) -------------------------------
+
+OFFICIAL_ATOL = 1e-5
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = OFFICIAL_ATOL) -> bool:
+    """Same shape and max absolute difference at most ``atol``."""
+    return a.shape == b.shape and (a.float() - b.float()).abs().max().item() <= atol
+
+
+def set_pool_memory(mem, vectors: torch.Tensor) -> None:
+    """Put ``vectors`` ``[l, n, d]`` in the pool (ages and sources zero)."""
+    lyr, n, _ = vectors.shape
+    zeros = torch.zeros(lyr, n, dtype=torch.long)
+    mem.pool.load_state_dict({"vectors": vectors, "ages": zeros, "sources": zeros})
+
+
+def check_official_scenario_a_from_a1(mem, ref: dict[str, torch.Tensor]) -> None:
+    """From A1's memory: read, inject context 2 (seed 7), read and generate as the official code did."""
+    set_pool_memory(mem, ref["A1_memory"])
+    assert close(mem(ref["input_prompt"]).logits, ref["A1_logits_prompt"])
+    torch.manual_seed(7)
+    mem.inject(ref["input_context2"])
+    assert close(mem.pool.read(), ref["A2_memory"])
+    assert close(mem(ref["input_prompt"]).logits, ref["A2_logits_prompt"])
+    out = mem.generate(
+        ref["input_prompt"],
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, ref["A2_generate_ids"])
+    assert close(torch.stack(out.logits, dim=1), ref["A2_generate_step_logits"])
+
+
+def check_official_scenario_b(mem, ref: dict[str, torch.Tensor]) -> None:
+    """With the checkpoint's memory in the pool: read, inject context 1 (seed 7), read, as the official code did."""
+    assert close(mem(ref["input_prompt"]).logits, ref["B0_logits_prompt"])
+    torch.manual_seed(7)
+    mem.inject(ref["input_context1"])
+    assert close(mem.pool.read(), ref["B1_memory"])
+    assert close(mem(ref["input_prompt"]).logits, ref["B1_logits_prompt"])

@@ -18,20 +18,10 @@ from safetensors.torch import load_file, save_file
 
 import memkit
 from memkit.official import MPLUS_STORE_CAPACITY, inspect_checkpoint
+from tests.helpers import check_official_scenario_a_from_a1, check_official_scenario_b, close
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official-memoryllm-tiny"
 CHECKPOINT = FIXTURE / "checkpoint"
-ATOL = 1e-5
-
-
-def _close(a, b, atol=ATOL):
-    return a.shape == b.shape and (a.float() - b.float()).abs().max().item() <= atol
-
-
-def _set_memory(mem, vectors):
-    lyr, n, _ = vectors.shape
-    zeros = torch.zeros(lyr, n, dtype=torch.long)
-    mem.pool.load_state_dict({"vectors": vectors, "ages": zeros, "sources": zeros})
 
 
 @pytest.fixture(scope="module")
@@ -86,31 +76,15 @@ def test_every_memoryllm_tensor_lands_where_it_should():
 @torch.no_grad()
 def test_uninitialised_memory_reads_as_the_plain_lora_model(ref):
     mem = memkit.from_pretrained(CHECKPOINT)
-    assert _close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"])
+    assert close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"])
 
 
 @torch.no_grad()
 def test_scenario_a_from_a1_on_matches_the_official_code(ref):
     mem = memkit.from_pretrained(CHECKPOINT)
-    _set_memory(mem, ref["A1_memory"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["A1_logits_prompt"])
-    torch.manual_seed(7)
-    mem.inject(ref["input_context2"])
-    assert _close(mem.pool.read(), ref["A2_memory"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["A2_logits_prompt"])
-    out = mem.generate(
-        ref["input_prompt"],
-        max_new_tokens=4,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    assert torch.equal(out.sequences, ref["A2_generate_ids"])
-    assert _close(torch.stack(out.logits, dim=1), ref["A2_generate_step_logits"])
+    check_official_scenario_a_from_a1(mem, ref)
     with_bos = torch.cat([torch.tensor([[1]]), ref["input_prompt"]], dim=1)
-    assert _close(mem(with_bos).logits, ref["A2_logits_prompt_with_bos_id1"])
+    assert close(mem(with_bos).logits, ref["A2_logits_prompt_with_bos_id1"])
 
 
 @torch.no_grad()
@@ -119,24 +93,20 @@ def test_scenario_b_an_initialised_checkpoint_reads_and_drops_from_its_stored_me
     mem = memkit.from_pretrained(initialised_checkpoint)
     assert torch.equal(mem.pool.read(), ref["A0_memory_checkpoint"])
     assert torch.equal(mem.sources(), torch.full((2, 32), -1))
-    assert _close(mem(ref["input_prompt"]).logits, ref["B0_logits_prompt"])
-    torch.manual_seed(7)
-    mem.inject(ref["input_context1"])
-    assert _close(mem.pool.read(), ref["B1_memory"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["B1_logits_prompt"])
+    check_official_scenario_b(mem, ref)
 
 
 @torch.no_grad()
 def test_official_fidelity_reproduces_the_first_injection_quirk_and_all_of_scenario_a(ref):
     mem = memkit.from_pretrained(CHECKPOINT, fidelity="official")
-    assert _close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"])
+    assert close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"])
     mem.inject(ref["input_context1"])
-    assert _close(mem.pool.read(), ref["A1_memory"])  # memkit's own mode differs here by ~0.24
-    assert _close(mem(ref["input_prompt"]).logits, ref["A1_logits_prompt"])
+    assert close(mem.pool.read(), ref["A1_memory"])  # memkit's own mode differs here by ~0.24
+    assert close(mem(ref["input_prompt"]).logits, ref["A1_logits_prompt"])
     torch.manual_seed(7)
     mem.inject(ref["input_context2"])
-    assert _close(mem.pool.read(), ref["A2_memory"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["A2_logits_prompt"])
+    assert close(mem.pool.read(), ref["A2_memory"])
+    assert close(mem(ref["input_prompt"]).logits, ref["A2_logits_prompt"])
 
 
 @torch.no_grad()
@@ -146,7 +116,7 @@ def test_memkit_fidelity_writes_the_first_injection_without_the_quirk(ref):
     emb = mem.injector.new_memory_positional_emb
     quirk = mem.pool.read().clone()
     quirk[0] += emb[0]  # the official delta of every layer but the last has one more positional embedding
-    assert _close(quirk, ref["A1_memory"])
+    assert close(quirk, ref["A1_memory"])
 
 
 @torch.no_grad()
@@ -155,7 +125,7 @@ def test_a_dtype_can_be_chosen(ref):
     assert mem.backbone.dtype == torch.bfloat16 and mem.pool.dtype == torch.bfloat16
     assert mem.injector.bos_embedding.dtype == torch.bfloat16
     logits = mem(ref["input_prompt"]).logits
-    assert _close(logits, ref["A0_logits_prompt"], atol=0.1)
+    assert close(logits, ref["A0_logits_prompt"], atol=0.1)
 
 
 def _with_config(tmp_path, **changes):
@@ -174,7 +144,7 @@ def test_memoryllm_8b_linear_rope_scaling_becomes_the_recipe_s(tmp_path, ref):
     assert mem.recipe.rope_scaling == {"factor": 1.8125, "rope_type": "linear"}
     assert mem.backbone.position_scale == 1.8125
     assert mem.base_model.config.rope_parameters["rope_type"] == "default"  # the backbone is left as it was
-    assert not _close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"], atol=1e-3)
+    assert not close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"], atol=1e-3)
 
 
 def test_llama_3_1_rope_scaling_stays_in_the_backbone(tmp_path):
@@ -474,14 +444,14 @@ def test_the_decoder_adapter_reads_and_the_default_adapter_injects(mplus_tiny):
     mem = memkit.from_pretrained(folder)
     _perturb(mem, "decoder_adapter")
     read1, write1 = _read_and_write(mem)
-    assert not _close(read1, read0, atol=1e-3)  # reads go through decoder_adapter
+    assert not close(read1, read0, atol=1e-3)  # reads go through decoder_adapter
     assert torch.equal(write1, write0)  # injections do not
 
     mem = memkit.from_pretrained(folder)
     _perturb(mem, "default")
     read2, write2 = _read_and_write(mem)
     assert torch.equal(read2, read0)  # reads do not go through default
-    assert not _close(write2, write0, atol=1e-3)  # injections do
+    assert not close(write2, write0, atol=1e-3)  # injections do
 
 
 @torch.no_grad()

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import memkit
+from tests.helpers import check_official_scenario_a_from_a1, check_official_scenario_b, close, set_pool_memory
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official-memoryllm-tiny"
-ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -69,59 +69,29 @@ def official():
     return mem, load_file(FIXTURE / "reference.safetensors")
 
 
-def _set_memory(mem, vectors):
-    lyr, n, _ = vectors.shape
-    zeros = torch.zeros(lyr, n, dtype=torch.long)
-    mem.pool.load_state_dict({"vectors": vectors, "ages": zeros, "sources": zeros})
-
-
-def _close(a, b):
-    return (a - b).abs().max().item() <= ATOL
-
-
 @torch.no_grad()
 def test_uninitialised_memory_reads_as_the_plain_lora_model(official):
     mem, ref = official
     mem.reset_memory()
-    assert _close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"])
+    assert close(mem(ref["input_prompt"]).logits, ref["A0_logits_prompt"])
 
 
 @torch.no_grad()
 def test_scenario_b_read_inject_and_random_drop_match_the_official_code(official):
     mem, ref = official
-    _set_memory(mem, ref["A0_memory_checkpoint"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["B0_logits_prompt"])
-    torch.manual_seed(7)
-    mem.inject(ref["input_context1"])
-    assert _close(mem.pool.read(), ref["B1_memory"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["B1_logits_prompt"])
+    set_pool_memory(mem, ref["A0_memory_checkpoint"])
+    check_official_scenario_b(mem, ref)
 
 
 @torch.no_grad()
 def test_scenario_a_second_injection_and_generation_match_the_official_code(official):
     mem, ref = official
-    _set_memory(mem, ref["A1_memory"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["A1_logits_prompt"])
-    torch.manual_seed(7)
-    mem.inject(ref["input_context2"])
-    assert _close(mem.pool.read(), ref["A2_memory"])
-    assert _close(mem(ref["input_prompt"]).logits, ref["A2_logits_prompt"])
-    out = mem.generate(
-        ref["input_prompt"],
-        max_new_tokens=4,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    assert torch.equal(out.sequences, ref["A2_generate_ids"])
-    assert _close(torch.stack(out.logits, dim=1), ref["A2_generate_step_logits"])
+    check_official_scenario_a_from_a1(mem, ref)
 
 
 @torch.no_grad()
 def test_a_bos_token_id_in_the_prompt_is_an_ordinary_token(official):
     mem, ref = official
-    _set_memory(mem, ref["A2_memory"])
+    set_pool_memory(mem, ref["A2_memory"])
     with_bos = torch.cat([torch.tensor([[1]]), ref["input_prompt"]], dim=1)
-    assert _close(mem(with_bos).logits, ref["A2_logits_prompt_with_bos_id1"])
+    assert close(mem(with_bos).logits, ref["A2_logits_prompt_with_bos_id1"])
