@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -305,7 +307,7 @@ class Backbone:
         rotary = getattr(self.decoder, "rotary_emb", None)
         if isinstance(rotary, nn.Module):
             layer_types = getattr(self.config, "layer_types", None)
-            if self._rotary_takes_layer_type(rotary) and layer_types:
+            if _takes_layer_type(type(rotary).forward) and layer_types:
                 kwargs["position_embeddings"] = rotary(hidden, pos, layer_types[index])
             else:
                 kwargs["position_embeddings"] = rotary(hidden, pos)
@@ -315,12 +317,6 @@ class Backbone:
         if len(capture.captured) != 1:
             raise IncompatibleModelError(f"decoder layer {index} did not hand its keys and values to the cache")
         return next(iter(capture.captured.values()))
-
-    @staticmethod
-    def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
-        import inspect
-
-        return "layer_type" in inspect.signature(rotary.forward).parameters
 
     # -- operations -----------------------------------------------------------------------------------
 
@@ -400,6 +396,12 @@ class Backbone:
             for handle in handles:
                 handle.remove()
         return out.last_hidden_state
+
+
+@functools.cache
+def _takes_layer_type(forward: Callable[..., Any]) -> bool:
+    """Whether a rotary embedding's ``forward`` takes a layer type (Gemma 3's per-type tables)."""
+    return "layer_type" in inspect.signature(forward).parameters
 
 
 def _param_sets(rotary: nn.Module) -> list[dict[str, Any]]:
