@@ -254,8 +254,10 @@ class HnswStore(StagedStore):
     def candidates(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
         """Sorted ids ``[c]`` proposed for top-``k`` retrieval with ``queries`` ``[q, key_size]``.
 
-        Every id when the layer holds at most :meth:`fetch_size` entries; else the index's
-        neighbours of the mean query (and of each query, with ``per_query``), see the class docstring.
+        Every id when the layer holds at most :meth:`fetch_size` entries; else the neighbours of the
+        mean query (and of each query, with ``per_query``), see the class docstring. When the layer holds
+        no more entries than a search would visit anyway (``ef``), they are scored exactly instead of
+        through the graph: as cheap, and exact even where deletions have cut the graph apart.
         """
         lyr = self._layer(layer)
         self._check_queries(queries, k)
@@ -271,6 +273,8 @@ class HnswStore(StagedStore):
         searches = [(data, count) for data, count in ((q.mean(dim=0, keepdim=True), fetch), (q, per_query)) if count]
         if not searches:  # k = 0 with min_fetch = 0 and no per-query search: nothing is asked for
             return torch.zeros(0, dtype=torch.int64)
+        if n <= max(self.config.ef_search, fetch):
+            return self._exact_neighbours(layer, queries, [(True, fetch), (False, per_query)])
         threads = self._threads()
         found = []
         try:
@@ -286,6 +290,17 @@ class HnswStore(StagedStore):
         if bool((rows >= n).any()) or not torch.equal(all_labels[rows.clamp(max=n - 1)], labels):
             raise RuntimeError("hnsw store: the index proposed a label the store does not hold; this is a bug")
         return rows
+
+    def _exact_neighbours(self, layer: int, queries: torch.Tensor, searches: list[tuple[bool, int]]) -> torch.Tensor:
+        """Sorted ids of the exact top inner products: per ``(use_mean_query, count)`` search, unioned."""
+        keys = self.keys(layer).double()
+        q = queries.detach().double().cpu()
+        found = []
+        for mean, count in searches:
+            if count:
+                dots = keys @ (q.mean(dim=0, keepdim=True) if mean else q).T  # [n, 1] or [n, q]
+                found.append(dots.topk(count, dim=0).indices.reshape(-1))
+        return torch.unique(torch.cat(found)) if found else torch.zeros(0, dtype=torch.int64)
 
     # -- sizes --------------------------------------------------------------------------------------
 
