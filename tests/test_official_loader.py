@@ -415,8 +415,10 @@ def test_the_loaded_mplus_reads_injects_merges_and_generates(mplus_tiny):
     torch.manual_seed(0)
     mem.inject(torch.arange(10, 34))  # one chunk of 24 tokens: K=8 rows per layer drop into the staging buffer
     assert [mem.store.staged(i) for i in range(2)] == [8, 8]
-    mem.inject(torch.arange(100, 124))  # the second update merges the first's rows (update_ltm_frequency = 2)
-    assert [(mem.store.size(i), mem.store.staged(i)) for i in range(2)] == [(40, 8), (40, 8)]
+    mem.inject(torch.arange(100, 124))  # the second update merges both updates' rows (update_ltm_frequency = 2)
+    assert [(mem.store.size(i), mem.store.staged(i)) for i in range(2)] == [(40, 0), (40, 0)]
+    mem.inject(torch.arange(130, 154))
+    assert [(mem.store.size(i), mem.store.staged(i)) for i in range(2)] == [(48, 8), (48, 8)]
     out = mem.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 15) and torch.equal(out[:, :12], prompt)
 

@@ -117,12 +117,14 @@ def test_staged_entries_are_visible_and_merge_after_exactly_merge_every_updates(
     after = store.entries(0)
     assert torch.equal(after.vectors, before.vectors) and torch.equal(after.keys, before.keys)
     assert torch.equal(after.ages, before.ages + 1) and torch.equal(after.sources, before.sources)
-    store.add(0, batch(6, 1))
-    assert ids_of(store.entries(0)) == [0, 1, 2, 3, 4, 5, 6] and store.staged(0) == 1
-    for _ in range(2):
-        store.advance(0)
-    assert store.staged(0) == 1
+    store.add(0, batch(6, 1))  # added during the update that merged: merged with it
+    assert ids_of(store.entries(0)) == [0, 1, 2, 3, 4, 5, 6] and store.staged(0) == 0
     store.advance(0)
+    store.add(0, batch(7, 1))
+    assert ids_of(store.entries(0)) == [0, 1, 2, 3, 4, 5, 6, 7] and store.staged(0) == 1
+    store.advance(0)
+    assert store.staged(0) == 1
+    store.advance(0)  # the sixth update merges
     assert store.staged(0) == 0
 
 
@@ -132,12 +134,13 @@ def test_ages_advance_for_merged_and_staged_alike(cls: type[StagedStore]) -> Non
     store.add(0, batch(0, 3, ages=[5, 3, 1]))
     store.advance(3)
     store.advance(0)  # merged now
+    store.advance(0)
     store.add(0, batch(3, 2, ages=[1, 0]))
     store.add(1, batch(10, 1, ages=[7], layer=1))
     store.advance(5)
     assert store.entries(0).ages.tolist() == [13, 11, 9, 6, 5]
     assert store.entries(1).ages.tolist() == [12]
-    assert store.staged(0) == 2
+    assert store.staged(0) == 0 and store.updates == 4
     with pytest.raises(memkit.InputError):
         store.advance(-1)
     for bad in (1.0, True, None):
@@ -365,7 +368,7 @@ def test_half_precision_storage_rounds_once_and_halves_the_bytes(
 
 def _filled(cls: type[StagedStore], **extra: object) -> StagedStore:
     store = make(cls, capacity=12, merge_every=3, **extra)
-    for step in range(7):
+    for step in range(8):  # the last add comes after the sixth update merged: it stays staged
         store.add(step % 2, batch(10 * step, 5, ages=[4, 9, 0, 2, 2], source=step, layer=step % 2))
         store.advance(5)
     return store
@@ -553,7 +556,7 @@ def test_hnsw_evicted_entries_leave_the_index_and_slots_are_reused() -> None:
 def test_hnsw_candidates_after_a_round_trip() -> None:
     n, dim, k = 3000, 24, 64
     keys, queries = _low_rank(n, dim, seed=7)
-    config = HnswStore.Config(capacity=2500, merge_every=3, min_fetch=128, num_threads=1)
+    config = HnswStore.Config(capacity=2500, merge_every=4, min_fetch=128, num_threads=1)
 
     def fresh() -> HnswStore:
         return HnswStore(config, num_layers=1, hidden_size=2, key_size=dim)

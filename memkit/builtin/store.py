@@ -293,7 +293,9 @@ class StagedStore(LongTermStore):
         if ages.numel():
             extra = self._admit(lyr, keys)
             lyr.blocks.append(_Block({"vectors": vectors, "ages": ages, "sources": sources, **extra}))
-            if len(lyr.blocks) > 1 + _MAX_STAGED_BLOCKS:
+            if self._updates and self._updates % self.merge_every == 0:
+                lyr.merge()  # added during an update that merged: merged with it
+            elif len(lyr.blocks) > 1 + _MAX_STAGED_BLOCKS:
                 lyr.blocks = [lyr.blocks[0], _Block.concat(lyr.blocks[1:])]
 
     def advance(self, amount: int) -> None:

@@ -44,8 +44,11 @@ class LongTermStore(ABC):
       :meth:`candidates` and :meth:`get` cover merged and staged entries alike.
     * Entry ids are row positions in :meth:`entries` (merged rows first, then staged rows). They stay
       valid until the next :meth:`add`, :meth:`advance`, :meth:`reset` or :meth:`load_state_dict`.
-    * :meth:`advance` is called once per pool update: it adds ``amount`` to the age of every entry,
-      staged or merged, of every layer, counts the update, and merges when the count says so.
+    * :meth:`advance` is called once per pool update, before that update's :meth:`add` calls: it
+      adds ``amount`` to the age of every entry, staged or merged, of every layer, counts the update,
+      and merges when the count says so. Entries added during an update that merged (after its
+      :meth:`advance`, before the next) are merged at once, so what the pool drops on every
+      ``merge_every``-th update does not wait a whole period in staging (as in official M+).
     * The store never holds more than ``capacity`` entries per layer (merged plus staged). When an
       :meth:`add` would exceed it, it evicts the oldest entries first (largest age; among equal
       ages, the earlier row), and adds their number to :meth:`evicted`. So every vector ever added is

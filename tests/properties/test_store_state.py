@@ -163,7 +163,9 @@ class StoreMachine(RuleBasedStateMachine):
         other = [list(row) for i, row in enumerate(self.model) if i != layer]
         store.add(layer, encode(us, layer, s.d, s.key_size, ages, source))
 
-        rows = [*self.model[layer], *[(u, a, source, True) for u, a in zip(us, ages, strict=True)]]
+        # Added during an update that merged: merged at once (the update count says so).
+        staged = not (self.updates and self.updates % s.merge_every == 0)
+        rows = [*self.model[layer], *[(u, a, source, staged) for u, a in zip(us, ages, strict=True)]]
         excess = max(0, len(rows) - s.capacity)
         # The contract: the oldest go first (largest age), the earlier row among equal ages.
         order = sorted(range(len(rows)), key=lambda i: (-rows[i][1], i))
