@@ -26,14 +26,24 @@ def answer(model, tokenizer, prompt_ids: torch.Tensor, n: int = 8) -> str:
     return tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
 
 
-def run(lengths: list[int], depths: list[float], seed: int, together: bool, window_tokens: int = 8192) -> dict:
-    model, tok = load_smollm2()
+def run(
+    lengths: list[int],
+    depths: list[float],
+    seed: int,
+    together: bool,
+    dtype: str = "float32",
+    overrides: dict | None = None,
+    window_tokens: int = 8192,
+) -> dict:
+    model, tok = load_smollm2(dtype=getattr(torch, dtype))
     rows = []
     # One haystack per depth (a single pass key each), or all depths' keys in one haystack (--together).
     groups = [depths] if together else [[d] for d in depths]
     for length in lengths:
         for group in groups:
-            rows += _one_haystack(model, tok, length, group, seed + length + int(group[0] * 1000), window_tokens)
+            rows += _one_haystack(
+                model, tok, length, group, seed + length + int(group[0] * 1000), window_tokens, overrides or {}
+            )
     summary = {}
     for length in lengths:
         sel = [r for r in rows if abs(r["length"] - length) < length * 0.05]
@@ -44,17 +54,21 @@ def run(lengths: list[int], depths: list[float], seed: int, together: bool, wind
     return {
         "recipe": "training-free",
         "model": "SmolLM2-135M-Instruct",
+        "dtype": dtype,
+        "overrides": overrides or {},
         "together": together,
         "rows": rows,
         "summary": summary,
     }
 
 
-def _one_haystack(model, tok, length: int, depths: list[float], seed: int, window_tokens: int) -> list[dict]:
+def _one_haystack(
+    model, tok, length: int, depths: list[float], seed: int, window_tokens: int, overrides: dict
+) -> list[dict]:
     rows = []
     text, needles = haystack(tok, length, depths, seed)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    mem = memkit.wrap(model, "training-free", tokenizer=tok)
+    mem = memkit.wrap(model, "training-free", tokenizer=tok, **overrides)
     start = time.perf_counter()
     mem.inject(torch.tensor(ids))
     inject_s = time.perf_counter() - start
@@ -90,9 +104,13 @@ def main() -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--together", action="store_true", help="all pass keys in one haystack (harder)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
+    parser.add_argument(
+        "--override", type=json.loads, default=None, help="recipe overrides as JSON, e.g. '{\"retrieve\": 512}'"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/long_passkey.json"))
     args = parser.parse_args()
-    report = run(args.lengths, args.depths, args.seed, args.together)
+    report = run(args.lengths, args.depths, args.seed, args.together, args.dtype, args.override)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["summary"], indent=2))

@@ -146,6 +146,19 @@ class RandomDropPool(MemoryPool):
             return self._empty_evicted()
 
         excess = max(self.size + k - self.capacity, 0)
+        if excess == 0 or self.config.eviction == "fifo":
+            # The oldest slots go: slicing copies the pool once (the cat), where gathering would copy it twice.
+            evicted = Evicted(
+                vectors=self._vectors[:, :excess].clone(),
+                ages=old_ages[:, :excess].clone(),
+                sources=self._sources[:, :excess].clone(),
+            )
+            self._set(
+                torch.cat([self._vectors[:, excess:], vectors], 1),
+                torch.cat([old_ages[:, excess:], new_ages], 1),
+                torch.cat([self._sources[:, excess:], new_sources], 1),
+            )
+            return evicted
         keep, drop = self._choose(excess)
         evicted = Evicted(
             vectors=torch.gather(self._vectors, 1, drop.unsqueeze(-1).expand(-1, -1, d)),
@@ -160,18 +173,8 @@ class RandomDropPool(MemoryPool):
         return evicted
 
     def _choose(self, excess: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept and dropped slot indices, each ``[l, *]`` ascending."""
+        """Random eviction of ``excess >= 1`` slots: kept and dropped slot indices, each ``[l, *]`` ascending."""
         lyr, s = self.num_layers, self.size
-        if excess == 0:
-            return (
-                torch.arange(s, device=self.device).expand(lyr, s),
-                torch.zeros(lyr, 0, dtype=torch.long, device=self.device),
-            )
-        if self.config.eviction == "fifo":
-            return (
-                torch.arange(excess, s, device=self.device).expand(lyr, s - excess),
-                torch.arange(excess, device=self.device).expand(lyr, excess),
-            )
         draws = lyr if self.config.per_layer else 1
         perms = [torch.randperm(s, generator=self._generator) for _ in range(draws)]
         perm = torch.stack(perms).to(self.device).expand(lyr, s)
