@@ -14,6 +14,7 @@ from memkit.api import list_recipes, wrap
 from memkit.config import MemkitConfig
 from memkit.errors import (
     CheckpointError,
+    DataError,
     EmptyInputError,
     IncompatibleModelError,
     InputError,
@@ -23,6 +24,7 @@ from memkit.errors import (
     PluginError,
     RecipeError,
     RegistrationError,
+    TrainingError,
     UnknownComponentError,
     UnwrappedError,
 )
@@ -44,6 +46,7 @@ from memkit.scaling import scale_recipe
 
 __all__ = [
     "CheckpointError",
+    "DataError",
     "EmptyInputError",
     "Evicted",
     "IncompatibleModelError",
@@ -66,6 +69,7 @@ __all__ = [
     "Registry",
     "Retriever",
     "StoreEntries",
+    "TrainingError",
     "UnknownComponentError",
     "UnwrappedError",
     "__version__",

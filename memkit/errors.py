@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "DataError",
     "EmptyInputError",
     "IncompatibleModelError",
     "InputError",
@@ -18,6 +19,7 @@ __all__ = [
     "PluginError",
     "RecipeError",
     "RegistrationError",
+    "TrainingError",
     "UnknownComponentError",
     "UnwrappedError",
 ]
@@ -67,9 +69,19 @@ class MemoryStateError(MemkitError, ValueError):
 
 
 class CheckpointError(MemkitError, ValueError):
-    """An official MemoryLLM or M+ checkpoint that cannot be read: not a local folder, a config.json
-    without the fields it needs, or tensors that are missing, unknown or of the wrong shape (all listed)."""
+    """A checkpoint that cannot be read: an official MemoryLLM or M+ folder (not a local folder, a
+    config.json without the fields it needs, tensors missing, unknown or of the wrong shape, all listed)
+    or a memkit ``save_pretrained`` folder (incomplete, another format version, another base model)."""
 
 
 class UnwrappedError(MemkitError, RuntimeError):
     """A wrapper used after :meth:`memkit.MemkitModel.unwrap`."""
+
+
+class DataError(InputError):
+    """Training data that cannot be used: none at all, unreadable files, documents too short to train on."""
+
+
+class TrainingError(MemkitError, ValueError):
+    """A training run that cannot start or resume: a stage the recipe lacks, nothing to train, or a
+    checkpoint made for another recipe or model."""

@@ -114,6 +114,9 @@ class MemkitModel(nn.Module):
         self._next_source = 0
         self.source_labels: dict[int, str] = {}
         self._unwrapped = False
+        # nn.Module starts in training mode, and peft's LoRA layers too: follow the model's mode instead,
+        # so that wrapping an eval-mode model leaves no dropout active.
+        self.train(model.training)
 
     def _build(self, recipe: Recipe) -> None:
         bb = self.backbone
@@ -388,6 +391,67 @@ class MemkitModel(nn.Module):
             self.source_labels[source] = label
         return Injection(source=source, num_tokens=int(ids.numel()), num_chunks=len(chunks))
 
+    # -- lower-level write and read (trainers) ------------------------------------------------------------
+
+    def new_source(self, label: str | None = None) -> int:
+        """A fresh provenance id for vectors about to be written with :meth:`write_vectors`."""
+        self._alive()
+        source = self._next_source
+        self._next_source += 1
+        if label is not None:
+            self.source_labels[source] = label
+        return source
+
+    @_memkit_call
+    def capture(self, chunk: torch.Tensor) -> torch.Tensor:
+        """The new memory one chunk would write, ``[l, k, d]``, without writing it.
+
+        ``chunk`` is ``[n]`` or ``[1, n]`` token ids. Runs the injector with the write adapter under the
+        caller's grad mode, so a trainer can backpropagate through the write (MemoryLLM's two-chunk path).
+        """
+        ids = self._token_ids(chunk, "capture")
+        with self._writing():
+            new = self.injector.capture(ids.unsqueeze(0).to(self.device), self.pool.read())
+        if not torch.isfinite(new).all():
+            raise InputError("the model produced NaN or infinite hidden states for this chunk; memory is unchanged")
+        return new
+
+    def write_vectors(self, vectors: torch.Tensor, source: int) -> None:
+        """Write captured vectors ``[l, k, d]`` into the pool now (detached), and what it evicts into the store.
+
+        One pool update: the store ages by ``k`` and takes the evicted vectors with their retriever keys.
+        """
+        self._alive()
+        try:
+            evicted = self.pool.write(vectors.detach(), source)
+        finally:
+            self._invalidate()
+        if self.store is not None:
+            self.store.advance(int(vectors.shape[1]))
+            for layer, entries in enumerate(self._store_entries(evicted)):
+                if len(entries):
+                    self.store.add(layer, entries)
+
+    @_memkit_call
+    def forward_with_memory(
+        self, input_ids: torch.Tensor, memory: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> Any:
+        """The base model's forward reading ``memory`` ``[l, m, d]`` instead of the pool (no retrieval).
+
+        ``input_ids`` and ``labels`` are ``[b, n]``. Gradients flow into ``memory`` and through the
+        injector's read prefix (MemoryLLM's two-chunk path reads only the vectors just captured).
+        """
+        self._check_batch(input_ids, None)
+        lyr, d = self.backbone.num_layers, self.backbone.hidden_size
+        if memory.dim() != 3 or memory.shape[0] != lyr or memory.shape[2] != d:
+            raise InputError(f"memory must be [layers={lyr}, m, d={d}], got {list(memory.shape)}")
+        prefix = self.injector.prefix(memory)
+        mask = torch.ones_like(input_ids)
+        if prefix.length == 0:
+            return self._forward(input_ids, mask, labels, None, 0, {})
+        cache = build_memory_cache(self.base_model.config, prefix.layer_kv, input_ids.shape[0])
+        return self._forward(input_ids, mask, labels, cache, 0, {})
+
     def _writing(self) -> contextlib.AbstractContextManager[None]:
         """The write adapter, if the recipe has adapters, for the duration of a write."""
         if self.adapters is None:
@@ -620,6 +684,16 @@ class MemkitModel(nn.Module):
             self._invalidate()
         self._next_source = int(meta.get("next_source", 0))
         self.source_labels = {int(k): str(v) for k, v in meta.get("source_labels", {}).items()}
+
+    def save_pretrained(self, folder: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Save the recipe, memkit's own weights and (by default) the memory into ``folder``.
+
+        Keywords and layout: :func:`memkit.pretrained.save_pretrained` (``save_memory``, ``save_base_model``);
+        :func:`memkit.from_pretrained` loads the folder back.
+        """
+        from memkit.pretrained import save_pretrained  # lazy: memkit.pretrained imports this module
+
+        save_pretrained(self, folder, **kwargs)
 
     # -- unwrap --------------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from memkit.errors import CheckpointError, InputError
 from memkit.interfaces.store import LongTermStore
 from memkit.model import MemkitModel
 from memkit.scoring import oldest_first
+from memkit.state import tensor_problems
 
 __all__ = ["MPLUS_STORE_CAPACITY", "CheckpointPlan", "from_pretrained", "inspect_checkpoint"]
 
@@ -417,16 +418,9 @@ def _prepare(path: str | os.PathLike[str], fidelity: Fidelity, dtype: torch.dtyp
             wrong.append(f"{name} {list(got)} (expected {list(want)})")
     if missing or unknown or wrong:
         kind = "M+" if mplus else "MemoryLLM"
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing)}")
-        if unknown:
-            problems.append(f"{len(unknown)} unknown tensor(s): {', '.join(unknown)}")
-        if wrong:
-            problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {', '.join(wrong)}")
         raise CheckpointError(
             f"{folder} is not a {kind} checkpoint in the official layout that memkit can read (config.json: "
-            f"{layers} layers, d={d}, K={k}, adapters {adapter_names}): {'; '.join(problems)}"
+            f"{layers} layers, d={d}, K={k}, adapters {adapter_names}): {tensor_problems(missing, unknown, wrong)}"
         )
 
     initialized: bool | None = None
@@ -528,14 +522,20 @@ def _copy(target: torch.Tensor | None, value: torch.Tensor, what: str) -> None:
 def from_pretrained(
     path: str | os.PathLike[str],
     *,
+    model: Any = None,
     tokenizer: Any = None,
     fidelity: Fidelity = "memkit",
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
 ) -> MemkitModel:
-    """Load a MemoryLLM or M+ checkpoint in the official layout from a local folder.
+    """Load a memkit checkpoint, or a MemoryLLM or M+ checkpoint in the official layout, from a local folder.
 
-    The folder holds ``config.json`` (``model_type`` ``memoryllm``: Llama fields plus MemoryLLM's and M+'s)
+    A folder holding ``memkit_config.json`` is a checkpoint that :func:`memkit.pretrained.save_pretrained`
+    wrote: it goes to :func:`memkit.pretrained.load_pretrained` with ``model``, ``tokenizer``, ``device``
+    and ``dtype`` (the base model comes from ``model=``, or from the folder when it was saved with it; see
+    ``docs/pretrained.md``). Every other folder is read as an official checkpoint, as follows.
+
+    The official folder holds ``config.json`` (``model_type`` ``memoryllm``: Llama fields plus MemoryLLM's and M+'s)
     and ``model.safetensors`` or shards named by ``model.safetensors.index.json``. Nothing is downloaded:
     fetch ``YuWangX/memoryllm-8b`` or ``YuWangX/mplus-8b`` first (``huggingface-cli download ... --local-dir``).
 
@@ -558,6 +558,8 @@ def from_pretrained(
 
     Args:
         path: the local checkpoint folder.
+        model: for a memkit checkpoint only: the base model to wrap (required unless the checkpoint holds
+            its base model). An official checkpoint builds its own Llama backbone and refuses it.
         tokenizer: optional tokenizer for :meth:`~memkit.model.MemkitModel.inject` of text. The official
             models take prompts without a BOS token (the learned per-layer BOS replaces it).
         fidelity: ``"memkit"`` (default): memkit's behaviour, which fixes the official code's bugs: the
@@ -583,9 +585,25 @@ def from_pretrained(
     Raises:
         CheckpointError: ``path`` is not a local folder (a hub id says to download it first), config.json
             lacks a needed field or has a setting memkit cannot reproduce, or tensors are missing, unknown
-            or of the wrong shape (the message lists every one).
-        InputError: a bad ``fidelity`` or ``dtype``.
+            or of the wrong shape (the message lists every one). For a memkit checkpoint, what
+            :func:`memkit.pretrained.load_pretrained` raises.
+        InputError: a bad ``fidelity`` or ``dtype``; ``fidelity="official"`` for a memkit checkpoint;
+            ``model=`` for an official checkpoint.
     """
+    if (Path(path).expanduser() / "memkit_config.json").is_file():
+        from memkit.pretrained import load_pretrained
+
+        if fidelity != "memkit":
+            raise InputError(
+                f"{path} is a memkit checkpoint (it has memkit_config.json); fidelity applies to official "
+                "checkpoints only, so leave it at 'memkit'"
+            )
+        return load_pretrained(path, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    if model is not None:
+        raise InputError(
+            f"model= is for memkit checkpoints (folders with memkit_config.json), and {path} has none; an "
+            "official checkpoint builds its own Llama backbone from config.json, so leave model= out"
+        )
     prep = _prepare(path, fidelity, dtype)
     plan, tensors, model = prep.plan, prep.tensors, prep.model
     tied = bool(plan.config.get("tie_word_embeddings", False))

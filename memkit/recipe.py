@@ -22,16 +22,17 @@ Parts are looked up and their configs validated when the recipe is applied to a 
 from __future__ import annotations
 
 import copy
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from memkit.adapters import AdapterSpec
 from memkit.config import MemkitConfig
 from memkit.errors import RecipeError
+from memkit.training.config import StageConfig
 
 __all__ = ["PartSpec", "Recipe", "load_recipe"]
 
@@ -74,6 +75,11 @@ class Recipe(MemkitConfig):
         0, ge=0, description="long-term entries brought back per layer for each read (M+: 2,560); needs a store"
     )
     retriever: PartSpec | None = Field(None, description="the Retriever for the long-term store; none by default")
+    training: dict[str, StageConfig] = Field(
+        default_factory=dict,
+        description="training stages by name ([training.stage1] ...; M+: stage1, stage2, stage3), each a "
+        "memkit.training.StageConfig; none by default",
+    )
 
     @field_validator("name")
     @classmethod
@@ -95,7 +101,14 @@ class Recipe(MemkitConfig):
                     f"unknown recipe override {key!r}; recipe fields are: {', '.join(Recipe.model_fields)}. "
                     "Part options go inside their section, e.g. wrap(model, recipe, pool={'capacity': 64})"
                 )
-            if key in _PART_FIELDS and isinstance(value, Mapping):
+            if key == "training" and isinstance(value, Mapping):
+                stages = copy.deepcopy(dict(data.get(key) or {}))
+                for stage, options in value.items():
+                    stages[stage] = (
+                        {**stages.get(stage, {}), **dict(options)} if isinstance(options, Mapping) else options
+                    )
+                data[key] = stages
+            elif key in _PART_FIELDS and isinstance(value, Mapping):
                 merged = dict(data.get(key) or {})
                 if "name" in value and value["name"] != merged.get("name"):
                     merged = {}  # a different part: its old options no longer apply
@@ -111,12 +124,29 @@ class Recipe(MemkitConfig):
         lines = [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict)]
         for key, value in data.items():
             if isinstance(value, dict):
-                lines.append(f"\n[{key}]")
-                lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+                lines.extend(_toml_table(key, value))
         return "\n".join(lines) + "\n"
 
 
 _PART_FIELDS = ("pool", "injector", "store", "retriever", "rope_scaling", "adapters")
+
+
+def _toml_table(name: str, table: dict[str, Any]) -> list[str]:
+    """``[name]`` with its plain values, then its sub-tables as ``[name.key]`` (an empty table is skipped)."""
+    plain = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+    lines = [f"\n[{name}]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in plain.items())] if plain else []
+    for key, value in nested.items():
+        if value and all(not isinstance(v, dict) for v in value.values()):
+            lines.append(f"\n[{name}.{_toml_key(key)}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        else:
+            lines.extend(_toml_table(f"{name}.{_toml_key(key)}", value))
+    return lines
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("-", "").replace("_", "").isalnum() else _toml_value(key)
 
 
 def _toml_value(value: Any) -> str:

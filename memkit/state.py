@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from memkit.errors import MemoryStateError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "read_state", "write_state"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "read_safetensors", "read_state", "tensor_problems", "write_state"]
 
 FORMAT = "memkit.memory"
 FORMAT_VERSION = 1
@@ -76,15 +76,9 @@ def read_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
     source = Path(path)
     if not source.is_file():
         raise MemoryStateError(f"memory file {source} does not exist")
-    try:
-        with safe_open(str(source), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise MemoryStateError(
-            f"memory file {source} is truncated or corrupted and cannot be read ({exc}); "
-            "restore it from a backup or save the memory again"
-        ) from None
+    tensors, header = read_safetensors(
+        source, MemoryStateError, "memory file", "restore it from a backup or save the memory again"
+    )
     if header.get("format") != FORMAT:
         raise MemoryStateError(f"{source} is a safetensors file but not a memkit memory file (no {FORMAT!r} header)")
     version = header.get("format_version")
@@ -98,3 +92,32 @@ def read_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
     except (KeyError, json.JSONDecodeError):
         raise MemoryStateError(f"memory file {source} has unreadable metadata") from None
     return tensors, meta
+
+
+def read_safetensors(
+    path: Path, error: type[Exception], what: str, remedy: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file (on the CPU) and its string metadata.
+
+    Raises:
+        error: the file is truncated or corrupted; the message names ``what`` and the ``remedy``.
+    """
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise error(f"{what} {path} is truncated or corrupted and cannot be read ({exc}); {remedy}") from None
+    return tensors, header
+
+
+def tensor_problems(missing: list[str], unknown: list[str], wrong: list[str], unknown_word: str = "unknown") -> str:
+    """One line listing missing, unknown (or ``unknown_word``) and misshapen tensors, for error messages."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} {unknown_word} tensor(s): {', '.join(unknown)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {', '.join(wrong)}")
+    return "; ".join(problems)
