@@ -322,3 +322,18 @@ def test_a_trained_model_saves_and_loads_with_identical_logits(tmp_path):
     prompt = torch.arange(40, 52).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(mem(prompt).logits, loaded(prompt).logits)
+
+
+def test_gradient_accumulation_takes_several_documents_per_step_and_the_schedule_counts_steps():
+    mem = _mplus()
+    history = Trainer(
+        mem,
+        _docs(),
+        stage="stage3",
+        steps=4,
+        progress=False,
+        **{**FAST, "log_every": 2, "gradient_accumulation_steps": 3, "decay_steps": 4},
+    ).train()
+    assert [sum(r.paths.values()) for r in history] == [6, 6]
+    # linear decay from 1e-3 to 0.1 of it over 4 optimiser steps
+    assert [r.learning_rate for r in history] == pytest.approx([1e-3 * 0.55, 1e-3 * 0.1])

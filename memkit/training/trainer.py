@@ -292,7 +292,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         module = accelerator.prepare_model(_Step(self), device_placement=False)
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-        scheduler = accelerator.prepare_scheduler(scheduler)
+        # Not prepared: accelerate would step a prepared scheduler once per process; the schedule here
+        # counts optimiser steps, and train() steps it only when the optimiser stepped.
         return accelerator, module, optimizer, scheduler
 
     def _lr_factor(self, step: int) -> float:
@@ -339,7 +340,8 @@ class Trainer:
                         if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                             accelerator.clip_grad_norm_([p for _, p in self.parameters], cfg.max_grad_norm)
                         optimizer.step()
-                        scheduler.step()
+                        if accelerator.sync_gradients:
+                            scheduler.step()
                         optimizer.zero_grad()
                     if delta is not None:  # the two-chunk path's vectors join memory after the step
                         mem.write_vectors(delta.detach(), plan.sources[0])
