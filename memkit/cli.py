@@ -131,26 +131,19 @@ def _inject(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt(mem: Any, question: str) -> Any:
-    tok = mem.tokenizer
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = question
-    return tok(text, return_tensors="pt", add_special_tokens=False)
-
-
 def _answer(mem: Any, question: str, max_new_tokens: int) -> str:
+    """The greedy answer to ``question``, wrapped in the tokenizer's chat template if it has one."""
     import torch
 
-    inputs = _prompt(mem, question)
+    from memkit.demo import answer
+
+    tok = mem.tokenizer
+    prompt = question
+    if getattr(tok, "chat_template", None):
+        messages = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     with torch.no_grad():
-        out = mem.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=mem.tokenizer.eos_token_id
-        )
-    return str(mem.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
+        return answer(mem, tok, prompt, max_new_tokens)
 
 
 def _ask(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import torch
 
 import memkit
 
-__all__ = ["DOCUMENT", "QUESTIONS", "DemoResult", "main", "run_demo"]
+__all__ = ["DOCUMENT", "QUESTIONS", "DemoResult", "answer", "main", "run_demo"]
 
 DOCUMENT = (
     "The Zephyr Lighthouse stands on the island of Varenholm. It was built in 1887 by the engineer Margit "
@@ -70,7 +70,8 @@ def _user_turn(tokenizer: Any, question: str) -> str:
     return full[full.index("<|im_start|>user") :]
 
 
-def _answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+def answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """The greedy continuation of ``prompt`` (text, tokenised without special tokens), decoded and stripped."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return str(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
@@ -98,9 +99,9 @@ def run_demo(
                 DemoResult(
                     question=question,
                     expected=expected,
-                    from_memory=_answer(mem, tokenizer, _user_turn(tokenizer, question), max_new_tokens),
-                    in_prompt=_answer(model, tokenizer, _chat(tokenizer, SYSTEM + document, question), max_new_tokens),
-                    no_document=_answer(model, tokenizer, _user_turn(tokenizer, question), max_new_tokens),
+                    from_memory=answer(mem, tokenizer, _user_turn(tokenizer, question), max_new_tokens),
+                    in_prompt=answer(model, tokenizer, _chat(tokenizer, SYSTEM + document, question), max_new_tokens),
+                    no_document=answer(model, tokenizer, _user_turn(tokenizer, question), max_new_tokens),
                 )
             )
     return mem, results

@@ -31,7 +31,7 @@ from memkit.interfaces import Evicted, Injector, LongTermStore, MemoryPool, Memo
 from memkit.plugins import get_registry
 from memkit.recipe import PartSpec, Recipe
 from memkit.retrieval import retrieval_hooks
-from memkit.state import read_state, write_state
+from memkit.state import differences, read_state, write_state
 
 __all__ = ["Injection", "MemkitModel"]
 
@@ -366,12 +366,7 @@ class MemkitModel(nn.Module):
         updates: list[tuple[int, list[StoreEntries]]] = []
         try:
             for chunk in tqdm(chunks, desc="inject", unit="chunk", disable=not progress):
-                with self._writing():
-                    new = self.injector.capture(chunk.unsqueeze(0).to(self.device), self.pool.read())
-                if not torch.isfinite(new).all():
-                    raise InputError(
-                        "the model produced NaN or infinite hidden states for this text; memory is unchanged"
-                    )
+                new = self._capture_ids(chunk, "text")
                 evicted = self.pool.write(new, source)
                 if self.store is not None:
                     updates.append((int(new.shape[1]), self._store_entries(evicted)))
@@ -380,12 +375,8 @@ class MemkitModel(nn.Module):
             raise
         finally:
             self._invalidate()
-        if self.store is not None:
-            for amount, per_layer in updates:
-                self.store.advance(amount)
-                for layer, entries in enumerate(per_layer):
-                    if len(entries):
-                        self.store.add(layer, entries)
+        for amount, per_layer in updates:
+            self._update_store(amount, per_layer)
         self._next_source += 1
         if label is not None:
             self.source_labels[source] = label
@@ -409,11 +400,14 @@ class MemkitModel(nn.Module):
         ``chunk`` is ``[n]`` or ``[1, n]`` token ids. Runs the injector with the write adapter under the
         caller's grad mode, so a trainer can backpropagate through the write (MemoryLLM's two-chunk path).
         """
-        ids = self._token_ids(chunk, "capture")
+        return self._capture_ids(self._token_ids(chunk, "capture"), "chunk")
+
+    def _capture_ids(self, ids: torch.Tensor, what: str) -> torch.Tensor:
+        """The injector's new memory ``[l, k, d]`` for token ids ``[n]``, under the write adapter, checked finite."""
         with self._writing():
             new = self.injector.capture(ids.unsqueeze(0).to(self.device), self.pool.read())
         if not torch.isfinite(new).all():
-            raise InputError("the model produced NaN or infinite hidden states for this chunk; memory is unchanged")
+            raise InputError(f"the model produced NaN or infinite hidden states for this {what}; memory is unchanged")
         return new
 
     def write_vectors(self, vectors: torch.Tensor, source: int) -> None:
@@ -427,10 +421,15 @@ class MemkitModel(nn.Module):
         finally:
             self._invalidate()
         if self.store is not None:
-            self.store.advance(int(vectors.shape[1]))
-            for layer, entries in enumerate(self._store_entries(evicted)):
-                if len(entries):
-                    self.store.add(layer, entries)
+            self._update_store(int(vectors.shape[1]), self._store_entries(evicted))
+
+    def _update_store(self, amount: int, per_layer: list[StoreEntries]) -> None:
+        """One pool update of the store: age it by ``amount``, then add each layer's evicted entries."""
+        assert self.store is not None
+        self.store.advance(amount)
+        for layer, entries in enumerate(per_layer):
+            if len(entries):
+                self.store.add(layer, entries)
 
     @_memkit_call
     def forward_with_memory(
@@ -446,11 +445,10 @@ class MemkitModel(nn.Module):
         if memory.dim() != 3 or memory.shape[0] != lyr or memory.shape[2] != d:
             raise InputError(f"memory must be [layers={lyr}, m, d={d}], got {list(memory.shape)}")
         prefix = self.injector.prefix(memory)
-        mask = torch.ones_like(input_ids)
-        if prefix.length == 0:
-            return self._forward(input_ids, mask, labels, None, 0, {})
-        cache = build_memory_cache(self.base_model.config, prefix.layer_kv, input_ids.shape[0])
-        return self._forward(input_ids, mask, labels, cache, 0, {})
+        cache = (
+            build_memory_cache(self.base_model.config, prefix.layer_kv, input_ids.shape[0]) if prefix.length else None
+        )
+        return self._forward(input_ids, torch.ones_like(input_ids), labels, cache, 0, {})
 
     def _writing(self) -> contextlib.AbstractContextManager[None]:
         """The write adapter, if the recipe has adapters, for the duration of a write."""
@@ -652,10 +650,7 @@ class MemkitModel(nn.Module):
         """
         self._alive()
         tensors, meta = read_state(path)
-        theirs, ours = meta.get("fingerprint", {}), self._fingerprint()
-        diffs = [
-            f"{k}: file has {theirs.get(k)!r}, this model has {v!r}" for k, v in ours.items() if theirs.get(k) != v
-        ]
+        diffs = differences(meta.get("fingerprint", {}), self._fingerprint(), "file has", "this model has")
         if diffs:
             raise MemoryStateError(
                 f"memory file {path} was made for another model or recipe ({'; '.join(diffs)}); "

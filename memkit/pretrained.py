@@ -42,7 +42,7 @@ from memkit.backbone import Backbone
 from memkit.errors import CheckpointError, IncompatibleModelError, InputError, MemoryStateError
 from memkit.model import MemkitModel
 from memkit.recipe import Recipe
-from memkit.state import read_safetensors, tensor_problems
+from memkit.state import differences, read_safetensors, tensor_problems
 
 __all__ = [
     "BASE_MODEL_DIR",
@@ -405,11 +405,7 @@ def _check_model(model: Any, saved: dict[str, Any], root: Path) -> None:
         "num_layers": backbone.num_layers,
         "hidden_size": backbone.hidden_size,
     }
-    diffs = [
-        f"{key}: checkpoint has {saved.get(key)!r}, model has {value!r}"
-        for key, value in ours.items()
-        if saved.get(key) != value
-    ]
+    diffs = differences(saved, ours, "checkpoint has", "model has")
     if diffs:
         name = saved.get("name_or_path") or "its base model"
         raise CheckpointError(

@@ -20,7 +20,15 @@ from safetensors.torch import save_file
 
 from memkit.errors import MemoryStateError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "read_safetensors", "read_state", "tensor_problems", "write_state"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "differences",
+    "read_safetensors",
+    "read_state",
+    "tensor_problems",
+    "write_state",
+]
 
 FORMAT = "memkit.memory"
 FORMAT_VERSION = 1
@@ -121,3 +129,8 @@ def tensor_problems(missing: list[str], unknown: list[str], wrong: list[str], un
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {', '.join(wrong)}")
     return "; ".join(problems)
+
+
+def differences(saved: dict[str, Any], ours: dict[str, Any], saved_has: str, ours_has: str) -> list[str]:
+    """``"key: <saved_has> X, <ours_has> Y"`` for each key of ``ours`` whose value ``saved`` does not match."""
+    return [f"{k}: {saved_has} {saved.get(k)!r}, {ours_has} {v!r}" for k, v in ours.items() if saved.get(k) != v]

@@ -65,12 +65,12 @@ def test_memory_survives_save_and_load_on_the_real_model(smollm2, tmp_path):
     try:
         mem.inject(demo._chat(tok, demo.SYSTEM + demo.DOCUMENT, None))
         question = demo._user_turn(tok, "Who built the Zephyr Lighthouse?")
-        before = demo._answer(mem, tok, question, 16)
+        before = demo.answer(mem, tok, question, 16)
         mem.save_memory(tmp_path / "doc.memkit")
         mem.reset_memory()
-        forgotten = demo._answer(mem, tok, question, 16)
+        forgotten = demo.answer(mem, tok, question, 16)
         mem.load_memory(tmp_path / "doc.memkit")
-        after = demo._answer(mem, tok, question, 16)
+        after = demo.answer(mem, tok, question, 16)
         assert after == before
         assert "Margit" in after and "Margit" not in forgotten
     finally:

@@ -45,9 +45,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from memkit.errors import DataError, TrainingError
+from memkit.errors import TrainingError
 from memkit.model import MemkitModel
 from memkit.scoring import mean_sigmoid_scores
+from memkit.state import differences
 from memkit.training.config import StageConfig
 from memkit.training.data import Documents
 
@@ -315,7 +316,7 @@ class Trainer:
             self._load_checkpoint(self._resume_from, optimizer, scheduler, rank)
         else:
             torch.manual_seed(cfg.seed + rank)
-        self._rng = self._rng if self._resume_from is not None else random.Random(cfg.seed * 1_000_003 + rank)
+            self._rng = random.Random(cfg.seed * 1_000_003 + rank)
         probe = self._probe_data() if self.probe else None
         documents = self._stream(rank, world)
         was_training = mem.training
@@ -403,16 +404,13 @@ class Trainer:
 
     def _stream(self, rank: int, world: int) -> Iterator[tuple[str, torch.Tensor]]:
         """This process's documents, epoch after epoch, from the resume position on."""
-        while True:
-            index = -1
+        while True:  # Documents raises DataError when it holds no usable document
             for index, item in enumerate(self.documents):
                 if index < self._position:
                     continue
                 self._position = index + 1
                 if index % world == rank:
                     yield item
-            if index < 0:
-                raise DataError("the training data holds no usable documents")
             self._position = 0
 
     def _chunk_length(self) -> int:
@@ -465,7 +463,8 @@ class Trainer:
         pool = mem.pool.read()
         if pool.shape[1] == 0:
             return None
-        positive = torch.isin(mem.pool.sources(), torch.tensor(plan.sources, device=mem.pool.sources().device))
+        sources = mem.pool.sources()
+        positive = torch.isin(sources, torch.tensor(plan.sources, device=sources.device))
         losses = []
         for layer, states in sorted(hidden.items()):
             n = int(states.shape[0])
@@ -584,10 +583,7 @@ class Trainer:
                 f"checkpoint {folder} has format version {state.get('format_version')!r}; this memkit reads "
                 f"version {CHECKPOINT_VERSION}"
             )
-        ours = self._identity()
-        diffs = [
-            f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}" for k, v in ours.items() if state.get(k) != v
-        ]
+        diffs = differences(state, self._identity(), "checkpoint has", "this run has")
         if diffs:
             raise TrainingError(
                 f"checkpoint {folder} was made for another recipe or model ({'; '.join(diffs)}); resume with the "
