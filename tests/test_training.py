@@ -154,6 +154,13 @@ def test_documents_too_short_for_a_chunk_and_a_target_are_refused_or_skipped():
         trainer.train()
 
 
+def test_a_process_whose_share_of_the_documents_is_empty_gets_an_error_not_an_endless_loop():
+    trainer = Trainer(_mplus(), _docs(count=1), stage="stage1", **FAST)
+    assert next(trainer._stream(0, 2))[0] == "#0"
+    with pytest.raises(memkit.DataError, match="process 1 of 2 gets no document.*at least 2 documents"):
+        next(trainer._stream(1, 2))
+
+
 # ---------------------------------------------------------------------------------------------------
 # the step: paths and losses
 # ---------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from memkit.errors import TrainingError
+from memkit.errors import DataError, TrainingError
 from memkit.model import MemkitModel
 from memkit.scoring import mean_sigmoid_scores
 from memkit.state import differences
@@ -405,12 +405,19 @@ class Trainer:
     def _stream(self, rank: int, world: int) -> Iterator[tuple[str, torch.Tensor]]:
         """This process's documents, epoch after epoch, from the resume position on."""
         while True:  # Documents raises DataError when it holds no usable document
+            whole_pass, mine = self._position == 0, 0
             for index, item in enumerate(self.documents):
                 if index < self._position:
                     continue
                 self._position = index + 1
                 if index % world == rank:
+                    mine += 1
                     yield item
+            if whole_pass and not mine:  # otherwise this process would loop over the data for ever
+                raise DataError(
+                    f"process {rank} of {world} gets no document (document i goes to process i % {world}); "
+                    f"give at least {world} documents or run fewer processes"
+                )
             self._position = 0
 
     def _chunk_length(self) -> int:
