@@ -352,8 +352,9 @@ class MemkitModel(nn.Module):
         Returns:
             an :class:`Injection` naming the provenance id of what was written.
 
-        Runs under the caller's grad mode (training wraps it in a grad-enabled context). If any chunk
-        fails, the memory is restored to what it was before the call.
+        Runs under the caller's grad mode (training wraps it in a grad-enabled context). If anything
+        fails (a chunk, a part raising, running out of memory, an interrupt), the memory is restored to
+        what it was before the call: the pool, the long-term store, the source labels and the next id.
         """
         self._alive()
         ids = self._token_ids(data, "inject")
@@ -361,8 +362,9 @@ class MemkitModel(nn.Module):
         chunks = [ids[i : i + size] for i in range(0, ids.numel(), size)]
         source = self._next_source
         snapshot = self.pool.snapshot()
+        store_snapshot: Any = None
         # Injection reads only the pool, never the long-term store, so the store's updates can wait until
-        # every chunk is written: a failure then leaves the store untouched and the pool restored.
+        # every chunk is written: a failing chunk then leaves the store untouched and the pool restored.
         updates: list[tuple[int, list[StoreEntries]]] = []
         try:
             for chunk in tqdm(chunks, desc="inject", unit="chunk", disable=not progress):
@@ -370,13 +372,18 @@ class MemkitModel(nn.Module):
                 evicted = self.pool.write(new, source)
                 if self.store is not None:
                     updates.append((int(new.shape[1]), self._store_entries(evicted)))
+            if self.store is not None and updates:
+                # A store that fails midway (a plugin raising, no memory left) is put back as it was.
+                store_snapshot = self.store.snapshot()
+                for amount, per_layer in updates:
+                    self._update_store(amount, per_layer)
         except BaseException:
             self.pool.load_state_dict(snapshot)
+            if self.store is not None and store_snapshot is not None:
+                self.store.restore(store_snapshot)
             raise
         finally:
             self._invalidate()
-        for amount, per_layer in updates:
-            self._update_store(amount, per_layer)
         self._next_source += 1
         if label is not None:
             self.source_labels[source] = label
@@ -673,7 +680,7 @@ class MemkitModel(nn.Module):
         except BaseException:
             self.pool.load_state_dict(snapshot)
             if self.store is not None and store_snapshot is not None:
-                self.store.load_state_dict(store_snapshot)
+                self.store.restore(store_snapshot)
             raise
         finally:
             self._invalidate()

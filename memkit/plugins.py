@@ -1,15 +1,18 @@
 """Loading memkit's plugins.
 
 Built-in parts are registered explicitly from :data:`DEFAULT_PLUGINS`. Third-party plugins are found
-through the ``memkit`` entry-point group, unless the environment variable
-``MEMKIT_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value other than ``0``. The registry is
-built lazily, once, the first time memkit needs it; :func:`reset` forgets it (for tests).
+only through the ``memkit`` entry-point group of installed distributions, unless the environment
+variable ``MEMKIT_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value other than ``0``.
+``MEMKIT_PLUGINS_ALLOW`` (only these entry-point names) or ``MEMKIT_PLUGINS_BLOCK`` (all but these),
+comma-separated, choose which entry points are loaded; a plugin left out is not even imported. The
+registry is built lazily, once, the first time memkit needs it; :func:`reset` forgets it (for tests).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import os
 import threading
 from typing import Any
@@ -21,6 +24,8 @@ from memkit.errors import MemkitError, PluginError
 from memkit.registry import Registry
 
 __all__ = [
+    "ALLOW_ENV",
+    "BLOCK_ENV",
     "DEFAULT_PLUGINS",
     "DISABLE_AUTOLOAD_ENV",
     "ENTRY_POINT_GROUP",
@@ -43,6 +48,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 ENTRY_POINT_GROUP = "memkit"
 #: Set to a non-empty value (other than ``0``) to skip entry-point plugins.
 DISABLE_AUTOLOAD_ENV = "MEMKIT_DISABLE_PLUGIN_AUTOLOAD"
+#: Comma-separated entry-point names: load only these third-party plugins.
+ALLOW_ENV = "MEMKIT_PLUGINS_ALLOW"
+#: Comma-separated entry-point names: load every third-party plugin but these.
+BLOCK_ENV = "MEMKIT_PLUGINS_BLOCK"
+
+logger = logging.getLogger(__name__)
 
 _HOOKS = (
     "register_pools",
@@ -60,11 +71,49 @@ def _autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("", "0")
 
 
+def _names_from_env(variable: str) -> set[str] | None:
+    """The comma-separated names in ``variable``, or ``None`` when it is unset or blank.
+
+    A value with separators but no name (``","``) is set and names nothing.
+    """
+    value = os.environ.get(variable, "")
+    if not value.strip():
+        return None
+    return {name.strip() for name in value.split(",")} - {""}
+
+
+def _entry_point_filter() -> tuple[set[str] | None, set[str]]:
+    """``(allowed, blocked)`` entry-point names from :data:`ALLOW_ENV` and :data:`BLOCK_ENV`.
+
+    ``allowed`` is ``None`` when every plugin not blocked may load.
+
+    Raises:
+        PluginError: both variables are set, which is ambiguous.
+    """
+    allowed, blocked = _names_from_env(ALLOW_ENV), _names_from_env(BLOCK_ENV)
+    if allowed is not None and blocked is not None:
+        raise PluginError(
+            f"both {ALLOW_ENV} ({os.environ[ALLOW_ENV]!r}) and {BLOCK_ENV} ({os.environ[BLOCK_ENV]!r}) are set; "
+            f"set only one: {ALLOW_ENV} loads only the plugins it names, {BLOCK_ENV} loads all but those"
+        )
+    return allowed, blocked or set()
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    """Register every plugin of the ``memkit`` entry-point group, naming the culprit if one fails."""
+    """Register the plugins of the ``memkit`` entry-point group that the allow or block list lets through,
+    naming the culprit if one fails. A plugin left out is not imported."""
+    allowed, blocked = _entry_point_filter()
+    seen: set[str] = set()
     for dist in importlib.metadata.distributions():
         for ep in dist.entry_points:
-            if ep.group != ENTRY_POINT_GROUP or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            if ep.group != ENTRY_POINT_GROUP:
+                continue
+            seen.add(ep.name)
+            if ep.name in blocked or (allowed is not None and ep.name not in allowed):
+                why = BLOCK_ENV if ep.name in blocked else ALLOW_ENV
+                logger.debug("memkit plugin %r (%s) not loaded: left out by %s", ep.name, ep.value, why)
+                continue
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
                 continue
             dist_name = dist.metadata["Name"] if dist.metadata else "?"
             try:
@@ -72,9 +121,16 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             except Exception as exc:  # a broken third-party package must say which one
                 raise PluginError(
                     f"the memkit plugin {ep.name!r} ({ep.value}) from distribution {dist_name!r} failed to import: "
-                    f"{exc!r}; fix or uninstall {dist_name}, or set {DISABLE_AUTOLOAD_ENV}=1 to skip plugins"
+                    f"{exc!r}; fix or uninstall {dist_name}, set {BLOCK_ENV}={ep.name} to skip it, or set "
+                    f"{DISABLE_AUTOLOAD_ENV}=1 to skip every plugin"
                 ) from exc
             pm.register(plugin, name=ep.name)
+    if allowed is not None and allowed - seen:
+        logger.warning(
+            "%s names memkit plugin(s) that no installed distribution provides: %s",
+            ALLOW_ENV,
+            ", ".join(sorted(allowed - seen)),
+        )
 
 
 def get_plugin_manager() -> pluggy.PluginManager:

@@ -418,7 +418,10 @@ def _load_base_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        # safetensors only: a pickled pytorch_model.bin in the folder is never read (it could run code)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        )
     except Exception as exc:
         raise CheckpointError(
             f"cannot load the base model saved in {path} ({exc}); pass the base model as model= instead"

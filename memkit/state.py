@@ -3,11 +3,14 @@
 A state file holds only memory (the pool's vectors, ages and provenance, and whatever else a part
 puts in its ``state_dict``), never model weights, and never anything that needs unpickling. Its
 metadata records the format version and the shape of the model and recipe it was made for, so that
-loading it into another model is refused with a message saying what differs.
+loading it into another model is refused with a message saying what differs, and (from format
+version 2) a SHA-256 checksum of the metadata and of every tensor, so that a corrupted file is refused
+rather than loaded with wrong numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,8 +24,11 @@ from safetensors.torch import save_file
 from memkit.errors import MemoryStateError
 
 __all__ = [
+    "CHECKSUMS_KEY",
     "FORMAT",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "checksums",
     "differences",
     "read_safetensors",
     "read_state",
@@ -31,7 +37,32 @@ __all__ = [
 ]
 
 FORMAT = "memkit.memory"
-FORMAT_VERSION = 1
+#: The version written. Version 2 added the ``checksums`` header entry; version 1 files (without it)
+#: still load, unverified.
+FORMAT_VERSION = 2
+#: The versions :func:`read_state` accepts.
+READABLE_VERSIONS = ("1", "2")
+#: The header entry holding the SHA-256 checksums (a JSON object: ``"meta"`` and one per tensor name).
+CHECKSUMS_KEY = "checksums"
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (hex), independent of the file layout."""
+    t = tensor.detach().contiguous().cpu()
+    digest = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def checksums(tensors: dict[str, torch.Tensor], meta_text: str) -> dict[str, str]:
+    """The checksums a state file records: ``"meta"`` for the metadata JSON text, plus one per tensor.
+
+    A tensor named ``meta`` would clash with the metadata entry, so tensor entries are prefixed with
+    ``tensor:``.
+    """
+    out = {"meta": hashlib.sha256(meta_text.encode()).hexdigest()}
+    out.update({f"tensor:{name}": _tensor_digest(t) for name, t in tensors.items()})
+    return out
 
 
 def write_state(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -44,12 +75,14 @@ def write_state(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], 
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise MemoryStateError(f"cannot save memory to {target}: folder {folder} does not exist")
+    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    meta_text = json.dumps(meta, sort_keys=True)
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "meta": json.dumps(meta, sort_keys=True),
+        "meta": meta_text,
+        CHECKSUMS_KEY: json.dumps(checksums(contiguous, meta_text), sort_keys=True),
     }
-    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -77,9 +110,14 @@ def write_state(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], 
 def read_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a state file written by :func:`write_state`.
 
+    A version 2 file must carry checksums, and every one must match: the metadata and each tensor
+    (its dtype, shape and bytes). A version 1 file (written before checksums existed) is read
+    unverified.
+
     Raises:
-        MemoryStateError: the file is missing, truncated or corrupted, not a memkit memory file, or of
-            a format version this memkit cannot read. The message names the file.
+        MemoryStateError: the file is missing, truncated or corrupted (a checksum that does not match
+            names the tensor or the metadata), not a memkit memory file, or of a format version this
+            memkit cannot read. The message names the file.
     """
     source = Path(path)
     if not source.is_file():
@@ -90,16 +128,47 @@ def read_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
     if header.get("format") != FORMAT:
         raise MemoryStateError(f"{source} is a safetensors file but not a memkit memory file (no {FORMAT!r} header)")
     version = header.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         raise MemoryStateError(
-            f"memory file {source} has format version {version}, but this memkit reads version {FORMAT_VERSION}; "
-            "use the memkit version that wrote it"
+            f"memory file {source} has format version {version}, but this memkit reads versions "
+            f"{', '.join(READABLE_VERSIONS)}; use the memkit version that wrote it"
         )
+    if version != "1" or CHECKSUMS_KEY in header:
+        _verify_checksums(source, tensors, header)
     try:
         meta = json.loads(header["meta"])
     except (KeyError, json.JSONDecodeError):
         raise MemoryStateError(f"memory file {source} has unreadable metadata") from None
+    if not isinstance(meta, dict):
+        raise MemoryStateError(f"memory file {source} has unreadable metadata (not a JSON object)")
     return tensors, meta
+
+
+def _verify_checksums(source: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
+    """Refuse ``source`` unless its recorded checksums cover exactly its tensors and metadata, and match."""
+    remedy = "the file is corrupted; restore it from a backup or save the memory again"
+    try:
+        recorded = json.loads(header[CHECKSUMS_KEY])
+    except KeyError:
+        raise MemoryStateError(
+            f"memory file {source} has format version {header.get('format_version')} but no checksums; {remedy}"
+        ) from None
+    except json.JSONDecodeError:
+        raise MemoryStateError(f"memory file {source} has an unreadable checksum record; {remedy}") from None
+    if not isinstance(recorded, dict):
+        raise MemoryStateError(f"memory file {source} has an unreadable checksum record; {remedy}")
+    actual = checksums(tensors, header.get("meta", ""))
+    missing = sorted(k.removeprefix("tensor:") for k in recorded.keys() - actual.keys())
+    unknown = sorted(k.removeprefix("tensor:") for k in actual.keys() - recorded.keys())
+    if missing or unknown:
+        raise MemoryStateError(
+            f"memory file {source} does not hold the tensors its checksums list "
+            f"({tensor_problems(missing, unknown, [], 'unlisted')}); {remedy}"
+        )
+    wrong = [k for k in sorted(actual) if recorded[k] != actual[k]]
+    if wrong:
+        what = ", ".join("the metadata" if k == "meta" else f"tensor {k.removeprefix('tensor:')!r}" for k in wrong)
+        raise MemoryStateError(f"memory file {source} fails its SHA-256 checksum for {what}; {remedy}")
 
 
 def read_safetensors(

@@ -591,6 +591,32 @@ class ExactStore(StagedStore):
     def _new_aux(self, layer: int) -> None:
         return None
 
+    def snapshot(self) -> Any:
+        """Cheap: references to the column tensors (never modified in place) and copies of the small
+        mutable parts (alive masks, counts); no entry is copied."""
+        layers = [
+            ([(b.columns, None if b.alive is None else b.alive.clone(), b.live) for b in lyr.blocks], lyr.evicted)
+            for lyr in self._layers
+        ]
+        return (self._updates, layers)
+
+    def restore(self, snapshot: Any) -> None:
+        updates, layers = snapshot
+        restored = []
+        for blocks, evicted in layers:
+            rebuilt = []
+            for columns, alive, live in blocks:
+                block = _Block(columns)
+                block.alive = None if alive is None else alive.clone()
+                block.live = live
+                rebuilt.append(block)
+            lyr = _Layer(rebuilt[0], None)  # an exact store keeps no per-layer index
+            lyr.blocks = rebuilt
+            lyr.evicted = evicted
+            restored.append(lyr)
+        self._layers = restored
+        self._updates = updates
+
     def _empty_extra(self) -> dict[str, torch.Tensor]:
         return {"keys": torch.zeros(0, self.key_size, dtype=self.dtype)}
 

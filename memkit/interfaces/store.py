@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -60,6 +60,9 @@ class LongTermStore(ABC):
     * :meth:`state_dict` / :meth:`load_state_dict` round-trip everything, staged entries, counters
       and the update count included; a state of another shape raises
       :class:`~memkit.errors.MemoryStateError`.
+    * :meth:`snapshot` / :meth:`restore` put the store back exactly as it was, whatever happened in
+      between (``inject`` takes a snapshot before every store update, to undo a failure). The default
+      copies :meth:`state_dict`; a store whose tensors are never modified in place can do it cheaply.
 
     Class attributes:
         name: the name recipes use for this store.
@@ -131,3 +134,11 @@ class LongTermStore(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from :meth:`state_dict`."""
+
+    def snapshot(self) -> Any:
+        """An opaque record of the store now, for :meth:`restore`. Default: a copy of :meth:`state_dict`."""
+        return {name: t.clone() for name, t in self.state_dict().items()}
+
+    def restore(self, snapshot: Any) -> None:
+        """Put the store back as it was when :meth:`snapshot` returned ``snapshot``."""
+        self.load_state_dict(snapshot)

@@ -605,16 +605,16 @@ class Trainer:
             for name, tensor in weights.items():
                 mine[name].copy_(tensor.to(mine[name].device, mine[name].dtype))
         if (folder / "optimizer.pt").exists():
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            optimizer.load_state_dict(_load_plain(folder / "optimizer.pt"))
         if (folder / "scheduler.pt").exists():
-            scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+            scheduler.load_state_dict(_load_plain(folder / "scheduler.pt"))
         self.mem.load_memory(folder / "memory.safetensors")
         self._revisits = []
         if (folder / "revisits.safetensors").exists():
             saved = load_file(str(folder / "revisits.safetensors"))
             for i in range(len(saved) // 2):
                 self._revisits.append((saved[f"revisit.{i}.target"], saved[f"revisit.{i}.sources"].tolist()))
-        torch.set_rng_state(torch.load(folder / "torch_rng.pt", weights_only=True))
+        torch.set_rng_state(_load_plain(folder / "torch_rng.pt"))
         self._rng = random.Random()
         self._rng.setstate(_rng_from_json(state["python_rng"]))
         self.step = int(state["step"])
@@ -622,6 +622,23 @@ class Trainer:
         self.history = [TrainLog(**r) for r in state.get("history", [])]
         if rank:
             logger.warning("resuming process %d from a checkpoint saved by the main process", rank)
+
+
+def _load_plain(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``): a file that
+    would need arbitrary unpickling (and could run code) is refused, never executed.
+
+    Raises:
+        TrainingError: the file cannot be read, or holds anything but tensors and plain data.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise TrainingError(
+            f"cannot read {path} from the checkpoint: it is corrupted, or holds more than tensors and plain data "
+            f"(memkit never unpickles arbitrary objects, which could run code) ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); restore the checkpoint or start a new run"
+        ) from None
 
 
 def _rng_to_json(state: tuple[Any, ...]) -> list[Any]:
