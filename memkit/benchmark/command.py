@@ -46,6 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--quick", action="store_true", help="a short run with smaller settings")
         sub.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
         sub.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+        sub.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     speed = benchmarks.add_parser(
         "speed",
@@ -160,6 +161,7 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
         memory_tokens=memory_tokens,
         repeats=args.repeats or (1 if args.quick else 3),
         seed=args.seed,
+        progress=not args.no_progress,
     )
     report["model"]["source"] = args.model
     report["setup"]["quick"] = bool(args.quick)
@@ -238,6 +240,7 @@ def _store(args: argparse.Namespace) -> dict[str, Any]:
         merge_every=args.merge_every,
         store_options=options,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=not args.no_progress,
     )
     report["setup"]["quick"] = bool(args.quick)
     return report

@@ -179,6 +179,7 @@ def run_speed(
     repeats: int = 3,
     seed: int = 0,
     warmup: int = 1,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Measure ``mem`` against its own base model (see the module docstring); returns the report.
 
@@ -194,6 +195,7 @@ def run_speed(
         memory_tokens: tokens injected before decoding (more than the pool holds fills the long-term store).
         repeats: timed runs of each measurement (the median is reported); ``warmup`` untimed runs first.
         seed: seeds the token stream and torch (random pool eviction).
+        progress: show a progress bar while memory is filled.
 
     Raises:
         InputError: a count that is not a whole number > 0, a chunk longer than the recipe's, or a
@@ -221,7 +223,7 @@ def run_speed(
         prompt = _prompt(mem, tokenizer, 16, seed).to(device)
         mem.reset_memory()
         start = time.perf_counter()
-        mem.inject(stream[:memory_tokens])
+        mem.inject(stream[:memory_tokens], progress=progress)
         fill_s = time.perf_counter() - start
         read = mem(prompt)
         read_length = read.past_key_values.memory_length if isinstance(read.past_key_values, MemoryCache) else 0

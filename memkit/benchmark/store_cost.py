@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from memkit.benchmark.meter import machine_info, release_memory, rss_bytes
 from memkit.errors import InputError
@@ -104,12 +105,15 @@ def _new_store(backend: str, size: int, data: _Data, dtype: str, merge_every: in
     return cls(cls.Config(**settings), num_layers=1, hidden_size=data.hidden, key_size=data.key_size)
 
 
-def _build(store: LongTermStore, data: _Data, size: int, write: int, merge_every: int) -> float:
+def _build(
+    store: LongTermStore, data: _Data, size: int, write: int, merge_every: int, progress: str | None = None
+) -> float:
     """Feed ``size`` entries, ``write`` per update, then finish the merge interval; returns the seconds spent
-    inside the store (generating the entries is not counted)."""
+    inside the store (generating the entries is not counted). ``progress`` names a progress bar to show."""
     spent = 0.0
     updates = 0
-    for start in range(0, size, write):
+    starts = range(0, size, write)
+    for start in tqdm(starts, desc=progress, unit="update", disable=progress is None, leave=False):
         entries = data.entries(start, min(start + write, size))
         t = time.perf_counter()
         store.advance(len(entries))
@@ -199,6 +203,7 @@ def run_store_cost(
     merge_every: int = 64,
     store_options: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Measure one layer's long-term store at each size and backend (see the module docstring).
 
@@ -215,6 +220,7 @@ def run_store_cost(
         merge_every: the store's ``merge_every`` (updates between merges).
         store_options: more store settings (e.g. ``{"ef_construction": 100}``), used where a store has them.
         log: called with a line of progress after each store.
+        progress: show a progress bar while each store is built.
 
     Returns:
         the report: ``results[backend]`` lists one row per size; ``growth[backend]`` has the slope.
@@ -246,7 +252,7 @@ def run_store_cost(
             release_memory()
             before = rss_bytes()
             store = _new_store(backend, size, data, dtype, merge_every, options)
-            build_s = _build(store, data, size, write, merge_every)
+            build_s = _build(store, data, size, write, merge_every, f"{backend} {size:,}" if progress else None)
             release_memory()
             grown = rss_bytes() - before
             accounted = _accounted_bytes(store)
