@@ -51,7 +51,7 @@ def _grid(fig: Any, results: dict[str, Any]) -> None:
     if "baseline_grid" in results:
         grids.append((f"plain model, last {results['window']} tokens", results["baseline_grid"]))
     axes = fig.subplots(1, len(grids), squeeze=False)[0]
-    for ax, (title, grid) in zip(axes, grids, strict=True):
+    for n, (ax, (title, grid)) in enumerate(zip(axes, grids, strict=True)):
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(results["lengths"])), [str(n) for n in results["lengths"]], rotation=45)
         ax.set_yticks(range(len(results["depths"])), [f"{d:.0%}" for d in results["depths"]])
@@ -59,7 +59,8 @@ def _grid(fig: Any, results: dict[str, Any]) -> None:
             for j, value in enumerate(line):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xlabel("haystack length (tokens)")
-        ax.set_ylabel("needle depth")
+        if n == 0:
+            ax.set_ylabel("needle depth")
         ax.set_title(f"{results['task']}: {title}", fontsize=9)
     fig.colorbar(image, ax=list(axes), label="accuracy")
 
@@ -93,9 +94,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     """Draw ``report`` (from one of the evaluations) to a PNG file at ``path``."""
     plt = _pyplot()
     name = report["eval"]
-    fig = plt.figure(figsize=(10, 4.5) if name in ("passkey", "niah") else (7, 4.5))
+    grid = name in ("passkey", "niah")
+    fig = plt.figure(figsize=(10, 4.5) if grid else (7, 4.5), layout="constrained" if grid else None)
     try:
-        if name in ("passkey", "niah"):
+        if grid:
             _grid(fig, report["results"])
         else:
             ax = fig.add_subplot(1, 1, 1)
