@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from memkit.errors import IncompatibleModelError
+from memkit.errors import IncompatibleModelError, InputError
 from memkit.model import MemkitModel
 from memkit.plugins import get_registry
 from memkit.recipe import Recipe, load_recipe
@@ -50,6 +50,11 @@ def wrap(
     """
     if isinstance(model, MemkitModel):
         raise IncompatibleModelError("this model is already wrapped; call .unwrap() first or use it as it is")
+    if tokenizer is not None and not callable(tokenizer):
+        raise InputError(
+            f"tokenizer must be a callable tokenizer (e.g. from AutoTokenizer.from_pretrained), got "
+            f"{type(tokenizer).__name__}; pass the tokenizer object, or leave it out and inject token ids"
+        )
     resolved = load_recipe(recipe)
     if overrides:
         resolved = resolved.with_overrides(overrides)

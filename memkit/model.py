@@ -7,6 +7,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
@@ -63,6 +64,13 @@ class Injection:
     source: int
     num_tokens: int
     num_chunks: int
+
+
+def _state_path(path: Any, what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path`; :class:`InputError` for anything that is not a path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{what}: expected a file path (str or os.PathLike), got {type(path).__name__}")
+    return Path(path)
 
 
 def _build_part(kind: str, spec: PartSpec, recipe: Recipe, **kwargs: Any) -> Any:
@@ -289,11 +297,29 @@ class MemkitModel(nn.Module):
             ids = torch.tensor(self.tokenizer(data, add_special_tokens=False)["input_ids"], dtype=torch.long)
         elif isinstance(data, torch.Tensor):
             ids = data
+            if ids.layout != torch.strided:
+                raise InputError(f"{what}: token ids must be a dense tensor, got a {ids.layout} one; call .to_dense()")
+            if ids.is_meta:
+                raise InputError(f"{what}: token ids are on the meta device and hold no values; give real token ids")
+        elif isinstance(data, (bytes, bytearray)):
+            raise InputError(f"{what}: got {type(data).__name__}; decode it to str first (or give token ids as a list)")
         elif isinstance(data, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
-            ids = torch.tensor(list(data), dtype=torch.long)
+            try:
+                ids = torch.tensor(list(data), dtype=torch.long)
+            except (OverflowError, RuntimeError, ValueError):
+                raise InputError(
+                    f"{what}: token ids must be in [0, {self.backbone.vocab_size}), got a value that does not fit "
+                    "in 64 bits"
+                ) from None
+        elif isinstance(data, Sequence):
+            bad = next(i for i, t in enumerate(data) if not isinstance(t, int) or isinstance(t, bool))
+            raise InputError(
+                f"{what}: expected text, a list of token ids or a LongTensor, got a {type(data).__name__} holding "
+                f"{type(data[bad]).__name__} at index {bad}; token ids are Python ints"
+            )
         else:
             raise InputError(f"{what}: expected text, a list of token ids or a LongTensor, got {type(data).__name__}")
-        if ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise InputError(f"{what}: token ids must be integers, got a {ids.dtype} tensor")
         if ids.dim() == 2:
             if ids.shape[0] != 1:
@@ -328,12 +354,21 @@ class MemkitModel(nn.Module):
                 f"input_ids are on {input_ids.device} but the model is on {self.device}; "
                 "move them with .to(model.device)"
             )
-        if input_ids.is_floating_point():
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         self._check_vocab(input_ids, "input_ids")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        if attention_mask is None:
+            return
+        if not isinstance(attention_mask, torch.Tensor):
+            raise InputError(f"attention_mask must be a [batch, length] tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise InputError(
                 f"attention_mask has shape {list(attention_mask.shape)} but input_ids {list(input_ids.shape)}"
+            )
+        if attention_mask.device != input_ids.device:
+            raise InputError(
+                f"attention_mask is on {attention_mask.device} but input_ids on {input_ids.device}; "
+                "move it with .to(model.device)"
             )
 
     # -- write ---------------------------------------------------------------------------------------------
@@ -544,6 +579,11 @@ class MemkitModel(nn.Module):
             raise InputError("memkit's forward takes input_ids, not inputs_embeds")
         self._check_batch(input_ids, attention_mask)
         assert input_ids is not None
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise InputError(
+                f"labels must be a tensor of input_ids' shape {list(input_ids.shape)}, "
+                f"got {list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if past_key_values is None:
@@ -635,6 +675,9 @@ class MemkitModel(nn.Module):
         for another.
         """
         self._alive()
+        target = _state_path(path, "save_memory")
+        if target.is_dir():
+            raise MemoryStateError(f"cannot save memory to {target}: it is a folder; give a file path")
         tensors = {f"pool.{name}": t for name, t in self.pool.state_dict().items()}
         if self.store is not None:
             tensors.update({f"store.{name}": t for name, t in self.store.state_dict().items()})
@@ -656,6 +699,8 @@ class MemkitModel(nn.Module):
                 or recipe of another shape (the message lists what differs). The memory is unchanged then.
         """
         self._alive()
+        if _state_path(path, "load_memory").is_dir():
+            raise MemoryStateError(f"memory file {path} is a folder, not a memory file; give the file's path")
         tensors, meta = read_state(path)
         diffs = differences(meta.get("fingerprint", {}), self._fingerprint(), "file has", "this model has")
         if diffs:

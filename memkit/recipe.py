@@ -94,6 +94,10 @@ class Recipe(MemkitConfig):
         Raises:
             RecipeError: an override names no field of the recipe, or gives it an invalid value.
         """
+        if not isinstance(overrides, Mapping):
+            raise RecipeError(
+                f"recipe overrides must be a mapping of recipe fields to values, got {type(overrides).__name__}"
+            )
         data = self.model_dump(exclude_none=True)
         for key, value in overrides.items():
             if key not in Recipe.model_fields:
@@ -202,6 +206,8 @@ def _read_file(path: Path) -> Recipe:
         raise RecipeError(f"recipe file {path} does not exist") from None
     except OSError as exc:
         raise RecipeError(f"cannot read recipe file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
