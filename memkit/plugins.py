@@ -65,6 +65,8 @@ _HOOKS = (
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
+#: ``(plugin, hook)`` whose ``register_*`` hook is running while the registry is first built, else None.
+_building: tuple[str, str] | None = None
 
 
 def _autoload_disabled() -> bool:
@@ -158,21 +160,27 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
     Each hook implementation is called on its own so that the registry knows which plugin registered
     what, and can name both registrants of a duplicate.
     """
+    global _building
     registry = Registry()
-    for hook_name in _HOOKS:
-        caller = getattr(pm.hook, hook_name)
-        for impl in caller.get_hookimpls():  # in registration order
-            registry.current_registrant = impl.plugin_name
-            try:
-                impl.function(registry=registry)
-            except MemkitError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {impl.plugin_name!r} raised {exc!r} in its {hook_name} hook; fix or uninstall it, "
-                    f"or set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party plugins"
-                ) from exc
-        registry.current_registrant = "<direct call>"
+    outer = _building
+    try:
+        for hook_name in _HOOKS:
+            caller = getattr(pm.hook, hook_name)
+            for impl in caller.get_hookimpls():  # in registration order
+                registry.current_registrant = impl.plugin_name
+                _building = (impl.plugin_name, hook_name)
+                try:
+                    impl.function(registry=registry)
+                except MemkitError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} raised {exc!r} in its {hook_name} hook; fix or uninstall "
+                        f"it, or set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party plugins"
+                    ) from exc
+            registry.current_registrant = "<direct call>"
+    finally:
+        _building = outer
     return registry
 
 
@@ -182,6 +190,13 @@ def get_registry() -> Registry:
     pm = get_plugin_manager()
     with _lock:
         if _registry is None:
+            if _building is not None:  # a register_* hook asked for the registry it is helping to build
+                plugin, hook = _building
+                raise PluginError(
+                    f"plugin {plugin!r} uses memkit (e.g. memkit.load_recipe or memkit.wrap) inside its {hook} "
+                    "hook, while the registry that needs is being built; a register_* hook may only call "
+                    "registry.add_*: build recipes and models outside it"
+                )
             _registry = build_registry(pm)
         return _registry
 

@@ -796,3 +796,21 @@ def test_register_plugin_refuses_unknown_hooks_bad_signatures_and_taken_names(fr
         memkit.plugins.register_plugin(plugin, name=name)
     assert memkit.plugins.get_plugin_manager().get_plugin(name) is not plugin
     assert memkit.plugins.get_registry().names("pool") == before
+
+
+def test_a_plugin_that_uses_memkit_inside_its_register_hook_is_named_not_a_recursion_error(
+    fake_distribution: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = """
+    import memkit
+
+    @memkit.hookimpl
+    def register_recipes(registry):
+        memkit.load_recipe("memoryllm")  # needs the registry being built
+    """
+    fake_distribution("eager_ep", source)
+    monkeypatch.delenv(plugins.DISABLE_AUTOLOAD_ENV, raising=False)
+    plugins.reset()
+    with pytest.raises(memkit.PluginError, match=r"'eager_ep' uses memkit .* inside its register_recipes hook"):
+        plugins.get_registry()
+    assert plugins._building is None  # nothing stuck: the next build starts clean
