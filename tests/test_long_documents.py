@@ -5,9 +5,11 @@ older in its long-term store; at read time every layer brings back the 1,024 sto
 attention scores highest. A pass key hidden at depth 0.1 or 0.5 of these documents lies outside both
 the pool and the last 8k tokens that the plain model could be given, so only retrieval can answer.
 
-The model runs in bfloat16 here (2.7x faster than float32 on the CI CPU, which has AVX512-BF16): a
-32k-token document is injected in about 45 s. ``benchmarks/long_passkey.py`` measures the same and
-adds the plain model on the last 8k tokens; docs/recipes.md reports both.
+The model runs in bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: 2.7x faster than
+float32, a 32k-token document injected in about 45 s) and in float32 elsewhere (an AVX2-only CPU
+emulates bfloat16 some 10x slower than float32). The 64k document is asked at one depth to keep the
+suite's time in bounds; ``memkit eval passkey`` and ``benchmarks/long_passkey.py`` run full grids
+and add the plain model on the last 8k tokens; docs/results.md and docs/recipes.md report them.
 """
 
 from __future__ import annotations
@@ -20,15 +22,24 @@ from memkit.testing.passkey import haystack, question
 
 pytestmark = pytest.mark.slow
 
-DEPTHS = (0.1, 0.5, 0.9)
 WINDOW = 8_192
 
 
+def _native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (else torch emulates it, far slower than float32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @pytest.fixture(scope="module")
-def smollm2_bf16():
+def smollm2_fast():
     from memkit.local_models import load_smollm2
 
-    model, tok = load_smollm2(dtype=torch.bfloat16)
+    model, tok = load_smollm2(dtype=torch.bfloat16 if _native_bfloat16() else torch.float32)
     model.eval()
     return model, tok
 
@@ -51,15 +62,15 @@ def _ask(model, tok, length: int, depth: float) -> tuple[bool, str, dict[str, in
     return key in answer, answer, {"tokens": len(ids), "key_at": key_at, "pool": pool}
 
 
-@pytest.mark.parametrize(("length", "needed"), [(32_768, 3), (65_536, 3)])
-def test_pass_keys_at_several_depths_of_long_documents_come_back_from_memory(smollm2_bf16, length, needed):
-    model, tok = smollm2_bf16
+@pytest.mark.parametrize(("length", "depths"), [(32_768, (0.1, 0.5, 0.9)), (65_536, (0.5,))])
+def test_pass_keys_at_several_depths_of_long_documents_come_back_from_memory(smollm2_fast, length, depths):
+    model, tok = smollm2_fast
     hits, report = 0, []
-    for depth in DEPTHS:
+    for depth in depths:
         hit, answer, where = _ask(model, tok, length, depth)
         hits += hit
         report.append(f"depth {depth}: {'hit' if hit else 'miss'} ({answer!r}, {where})")
         assert where["tokens"] > 0.95 * length
         if depth < 0.9:  # far behind: neither in the pool nor in the plain model's last 8k tokens
             assert where["key_at"] < where["tokens"] - WINDOW and where["key_at"] < where["tokens"] - where["pool"]
-    assert hits >= needed, f"{hits}/{len(DEPTHS)} pass keys at {length} tokens: " + "; ".join(report)
+    assert hits == len(depths), f"{hits}/{len(depths)} pass keys at {length} tokens: " + "; ".join(report)
