@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import PreTrainedModel
 
@@ -83,3 +85,23 @@ def check_official_scenario_b(mem, ref: dict[str, torch.Tensor]) -> None:
     mem.inject(ref["input_context1"])
     assert close(mem.pool.read(), ref["B1_memory"])
     assert close(mem(ref["input_prompt"]).logits, ref["B1_logits_prompt"])
+
+
+def full_state(mem: Any) -> dict[str, Any]:
+    """Everything that makes up a wrapped model's memory: pool and store tensors, labels, the next provenance id."""
+    state: dict[str, Any] = {f"pool.{k}": v.clone() for k, v in mem.pool.state_dict().items()}
+    if mem.store is not None:
+        state.update({f"store.{k}": v.clone() for k, v in mem.store.state_dict().items()})
+    state["source_labels"] = dict(mem.source_labels)
+    state["next_source"] = mem._next_source
+    return state
+
+
+def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Two :func:`full_state` results are equal: same keys, tensors equal in dtype and value, the rest equal."""
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == after[key].dtype and torch.equal(value, after[key]), f"{key} changed"
+        else:
+            assert value == after[key], f"{key} changed"

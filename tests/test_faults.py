@@ -26,6 +26,7 @@ import memkit
 from memkit.backbone import Backbone
 from memkit.state import CHECKSUMS_KEY, read_state
 from memkit.testing import tiny_model
+from tests.helpers import assert_same_state, full_state
 
 HERE = Path(__file__).resolve().parent
 
@@ -333,25 +334,6 @@ def test_saved_files_record_a_checksum_of_the_metadata_and_of_every_tensor(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _full_state(mem: memkit.MemkitModel) -> dict[str, Any]:
-    """Everything that makes up the memory: pool and store tensors, labels, the next provenance id."""
-    state: dict[str, Any] = {f"pool.{k}": v.clone() for k, v in mem.pool.state_dict().items()}
-    if mem.store is not None:
-        state.update({f"store.{k}": v.clone() for k, v in mem.store.state_dict().items()})
-    state["source_labels"] = dict(mem.source_labels)
-    state["next_source"] = mem._next_source
-    return state
-
-
-def _assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert value.dtype == after[key].dtype and torch.equal(value, after[key]), f"{key} changed"
-        else:
-            assert value == after[key], f"{key} changed"
-
-
 class _Failing:
     """Wraps a callable; the ``fail_on``-th call (counting from 1) raises ``error`` instead."""
 
@@ -424,7 +406,7 @@ def test_a_failure_midway_through_inject_leaves_the_memory_exactly_as_it_was(fau
     prompt = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         logits = mem(prompt).logits
-    before = _full_state(mem)
+    before = full_state(mem)
 
     patch, error = FAULTS[fault]
     failing = patch(mem, error)
@@ -432,7 +414,7 @@ def test_a_failure_midway_through_inject_leaves_the_memory_exactly_as_it_was(fau
         mem.inject(torch.arange(10, 74), label="never")  # four chunks: the fault comes midway
     assert failing.calls == failing.fail_on, "the fault did not fire where the test meant it to"
 
-    _assert_same_state(before, _full_state(mem))
+    assert_same_state(before, full_state(mem))
     with torch.no_grad():
         assert torch.equal(mem(prompt).logits, logits)
 
@@ -449,4 +431,4 @@ def test_after_a_failed_inject_the_next_inject_matches_a_memory_that_never_faile
             mem.inject(torch.arange(10, 74))
         for m in (mem, twin):
             m.inject(torch.arange(20, 90), label="after")
-    _assert_same_state(_full_state(twin), _full_state(mem))
+    assert_same_state(full_state(twin), full_state(mem))

@@ -13,6 +13,7 @@ from safetensors import safe_open
 import memkit
 from memkit.backbone import Backbone
 from memkit.testing import tiny_model
+from tests.helpers import assert_same_state, full_state
 
 SMALL_MPLUS: dict[str, Any] = {
     "chunk_size": 16,
@@ -55,25 +56,6 @@ def _filled(recipe: str, dtype: str | None = None) -> memkit.MemkitModel:
     if mem.store is not None:
         assert mem.store.size(0) > 0
     return mem
-
-
-def _full_state(mem: memkit.MemkitModel) -> dict[str, Any]:
-    """Everything that makes up the memory: pool and store tensors, labels, the next provenance id."""
-    state: dict[str, Any] = {f"pool.{k}": v.clone() for k, v in mem.pool.state_dict().items()}
-    if mem.store is not None:
-        state.update({f"store.{k}": v.clone() for k, v in mem.store.state_dict().items()})
-    state["source_labels"] = dict(mem.source_labels)
-    state["next_source"] = mem._next_source
-    return state
-
-
-def _assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert value.dtype == after[key].dtype and torch.equal(value, after[key]), f"{key} changed"
-        else:
-            assert value == after[key], f"{key} changed"
 
 
 class _CountingWrites:
@@ -121,7 +103,7 @@ def test_a_layer_output_with_nan_or_inf_in_one_chunk_refuses_the_injection_and_k
     mem = _filled(recipe)
     with torch.no_grad():
         logits = mem(PROMPT).logits
-    before = _full_state(mem)
+    before = full_state(mem)
     calls = {"n": 0}
 
     def poison(module: torch.nn.Module, args: Any, output: Any) -> Any:
@@ -142,7 +124,7 @@ def test_a_layer_output_with_nan_or_inf_in_one_chunk_refuses_the_injection_and_k
         handle.remove()
     assert calls["n"] == 2, "the poison did not fire on the second chunk"
     assert writes.done == 1, "the first chunk should have been written (and then rolled back)"
-    _assert_same_state(before, _full_state(mem))
+    assert_same_state(before, full_state(mem))
     with torch.no_grad():
         assert torch.equal(mem(PROMPT).logits, logits)
 
@@ -155,7 +137,7 @@ def test_a_token_embedding_patched_to_inf_refuses_the_injection_and_keeps_the_me
     mem = _filled(recipe)
     with torch.no_grad():
         logits_clean = mem(PROMPT).logits  # PROMPT does not contain ODD_TOKEN
-        before = _full_state(mem)
+        before = full_state(mem)
         embeddings = mem.base_model.get_input_embeddings().weight
         saved_row = embeddings[ODD_TOKEN].clone()
         embeddings[ODD_TOKEN] = value
@@ -165,7 +147,7 @@ def test_a_token_embedding_patched_to_inf_refuses_the_injection_and_keeps_the_me
             mem.inject(FOUR_CHUNKS, label="poisoned")
         assert "memory is unchanged" in str(info.value)
         assert writes.done == 1, "the first chunk (without the bad token) should have been written, then rolled back"
-        _assert_same_state(before, _full_state(mem))
+        assert_same_state(before, full_state(mem))
     finally:
         with torch.no_grad():
             embeddings[ODD_TOKEN] = saved_row
@@ -185,21 +167,21 @@ def test_after_a_refused_injection_the_next_one_matches_a_memory_that_never_saw_
         for m in (mem, twin):
             out = m.inject(torch.arange(20, 90), label="after")
             assert out.source == 4  # the refused call used no provenance id
-    _assert_same_state(_full_state(twin), _full_state(mem))
+    assert_same_state(full_state(twin), full_state(mem))
 
 
 @pytest.mark.parametrize("recipe", ["memoryllm", "mplus"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 def test_write_vectors_refuses_non_finite_vectors_and_keeps_the_memory(recipe: str, value: float) -> None:
     mem = _filled(recipe)
-    before = _full_state(mem)
+    before = full_state(mem)
     with torch.no_grad():
         vectors = mem.capture(torch.arange(60, 68))
     assert bool(torch.isfinite(vectors).all())
     vectors[1, 4, 7] = value
     with pytest.raises(memkit.InputError, match="NaN or infinite"):
         mem.write_vectors(vectors, mem._next_source)
-    _assert_same_state(before, _full_state(mem))
+    assert_same_state(before, full_state(mem))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,7 +205,7 @@ def test_half_precision_memory_round_trips_bit_exactly_through_a_file(recipe: st
 
     other = _wrap(recipe, dtype)
     other.load_memory(path)
-    _assert_same_state(_full_state(mem), _full_state(other))
+    assert_same_state(full_state(mem), full_state(other))
     with torch.no_grad():
         assert torch.equal(other(PROMPT).logits, mem(PROMPT).logits)
         ids = mem.generate(PROMPT, max_new_tokens=4, do_sample=False, pad_token_id=0)
