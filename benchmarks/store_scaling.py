@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="mips-l2,ip,mips-l2-nocopy",
-        help="hnsw stores to build: index space ('mips-l2' or 'ip'), '-nocopy' for key_copy=False",
+        help=(
+            "hnsw stores to build: index space ('mips-l2' or 'ip'), '-nocopy' for key_copy=False, then optional "
+            "':FIELD=VALUE' HnswStore settings, e.g. 'mips-l2:M=8:overfetch=2.5'"
+        ),
     )
     parser.add_argument("--ef-construction", type=int, default=200, help="hnswlib ef_construction")
     parser.add_argument("--threads", type=int, help="torch and hnswlib threads (default: torch's default)")
@@ -344,15 +347,19 @@ def main(argv: list[str] | None = None) -> int:
                 key_size=plan.key_size,
             )
         else:
-            variant = name[len("hnsw-") :]
+            space, *settings = name[len("hnsw-") :].split(":")
+            fields: dict[str, Any] = {"ef_construction": plan.ef_construction}
+            for setting in settings:  # e.g. "M=8", "overfetch=2.5"
+                field, _, value = setting.partition("=")
+                fields[field] = float(value) if "." in value else int(value)
             store = HnswStore(
                 HnswStore.Config(
                     capacity=plan.entries,
                     merge_every=plan.merge_every,
                     dtype="float16",
-                    space=variant.removesuffix("-nocopy"),
-                    key_copy=not variant.endswith("-nocopy"),
-                    ef_construction=plan.ef_construction,
+                    space=space.removesuffix("-nocopy"),
+                    key_copy=not space.endswith("-nocopy"),
+                    **fields,
                 ),
                 num_layers=1,
                 hidden_size=plan.hidden,

@@ -14,6 +14,7 @@ import memkit
 from memkit import plugins
 from memkit.builtin.hnsw_store import HnswStore
 from memkit.builtin.store import ExactStore, StagedStore
+from memkit.errors import RecipeError
 from memkit.interfaces import LongTermStore, StoreEntries
 from memkit.registry import Registry
 from memkit.scoring import mean_sigmoid_scores, oldest_first
@@ -26,7 +27,14 @@ class HnswNoCopy(HnswStore):
         key_copy: bool = Field(False, description="keys are read back from the index")
 
 
-STORES = [ExactStore, HnswStore, HnswNoCopy]
+class HnswProjected(HnswStore):
+    """The hnsw store indexing keys projected on 2 principal directions (``index_dims=2``)."""
+
+    class Config(HnswStore.Config):
+        index_dims: int | None = Field(2, description="index 2 principal coordinates of each key")
+
+
+STORES = [ExactStore, HnswStore, HnswNoCopy, HnswProjected]
 D, KEY = 6, 4
 
 
@@ -613,6 +621,57 @@ def test_hnsw_rebuilds_its_index_when_a_key_outgrows_the_padding_norm() -> None:
     queries = torch.randn(3, KEY)
     best = set((keys @ queries.mean(0)).topk(5).indices.tolist())
     assert set(store.candidates(0, queries, 5).tolist()) == best
+
+
+def _fill_low_rank(n: int, dim: int, seed: int, **config: object) -> tuple[HnswStore, torch.Tensor]:
+    keys, queries = _low_rank(n, dim, seed=seed)
+    store = HnswStore(
+        HnswStore.Config(capacity=n, merge_every=3, min_fetch=256, num_threads=1, **config),
+        num_layers=1,
+        hidden_size=2,
+        key_size=dim,
+    )
+    zeros = torch.zeros(250, dtype=torch.long)
+    for start in range(0, n, 250):
+        store.add(0, StoreEntries(torch.zeros(250, 2), keys[start : start + 250], zeros, zeros))
+        store.advance(1)
+    return store, queries
+
+
+def test_hnsw_with_index_dims_indexes_principal_coordinates_and_still_finds_the_top_k() -> None:
+    """Keys of rank 8 (plus noise) in width 32: 8 principal coordinates keep the top-k, 2 do not."""
+    n, dim, k = 4000, 32, 64
+    store, queries = _fill_low_rank(n, dim, seed=0, index_dims=8)
+    aux = store._layers[0].aux
+    assert store.index(0).dim == 8 + 1  # 8 coordinates + the mips-l2 padding
+    assert aux.basis.shape == (dim, 8)
+    assert torch.allclose(aux.basis.T @ aux.basis, torch.eye(8), atol=1e-5)
+    # fitted on the first add (250 keys), refitted each time the layer doubled: 500, 1,000, 2,000, 4,000
+    assert aux.fitted_on == 4000
+    assert store.index_nodes(0) == n
+    exact_top = mean_sigmoid_scores(queries, store.keys(0)).topk(k).indices
+    assert _recall(store, queries, k, exact_top) >= 0.95
+    too_few, _ = _fill_low_rank(n, dim, seed=0, index_dims=2)
+    assert _recall(too_few, queries, k, exact_top) < 0.8
+
+
+def test_hnsw_with_index_dims_refits_after_a_load_and_finds_the_top_k() -> None:
+    n, dim, k = 3000, 24, 64
+    store, queries = _fill_low_rank(n, dim, seed=7, index_dims=8)
+    state = store.state_dict()
+    loaded, again = (HnswStore(store.config, num_layers=1, hidden_size=2, key_size=dim) for _ in range(2))
+    loaded.load_state_dict(state)
+    again.load_state_dict(state)
+    assert loaded._layers[0].aux.fitted_on == n  # fitted on every loaded key at once
+    assert torch.equal(loaded._layers[0].aux.basis, again._layers[0].aux.basis)
+    assert torch.equal(loaded.candidates(0, queries, k), again.candidates(0, queries, k))
+    exact_top = mean_sigmoid_scores(queries, store.keys(0)).topk(k).indices
+    assert _recall(loaded, queries, k, exact_top) >= 0.95
+
+
+def test_hnsw_index_dims_without_key_copy_is_refused() -> None:
+    with pytest.raises(RecipeError, match="index_dims needs key_copy"):
+        make(HnswNoCopy, index_dims=2)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,10 +26,15 @@ import torch
 from pydantic import Field
 
 from memkit.builtin.store import StagedStore, _Layer
+from memkit.errors import RecipeError
 from memkit.hookspecs import hookimpl
 from memkit.registry import Registry
 
-__all__ = ["HnswStore"]
+__all__ = ["FIT_ROWS", "HnswStore"]
+
+#: With ``index_dims``, a layer's projection is refitted each time the layer doubles, until it has been
+#: fitted on this many keys (and fitted on at most this many, evenly spaced, after a load).
+FIT_ROWS = 16_384
 
 
 class _LayerIndex:
@@ -39,13 +44,15 @@ class _LayerIndex:
     insertion order) carry increasing labels, and a label's row is found by binary search.
     """
 
-    __slots__ = ("bound", "deleted", "index", "next_label")
+    __slots__ = ("basis", "bound", "deleted", "fitted_on", "index", "next_label")
 
     def __init__(self) -> None:
         self.index: Any = None
         self.next_label = 0
         self.deleted = 0  # marked deleted and not yet replaced
         self.bound = 0.0  # "mips-l2": the norm every indexed key is padded to
+        self.basis: torch.Tensor | None = None  # index_dims: [key_size, index_dims] float32, orthonormal columns
+        self.fitted_on = 0  # index_dims: how many keys the basis was fitted on
 
 
 class HnswStore(StagedStore):
@@ -68,6 +75,16 @@ class HnswStore(StagedStore):
     M+'s top-2560 is 0.80 with ``"ip"`` and 0.999 with ``"mips-l2"``, of the top-64 0.946 and 0.994,
     at similar search time. ``B`` is ``norm_headroom`` times the largest key norm seen; a key longer
     than ``B`` makes the layer's index be rebuilt with a new ``B`` (rare: ``B`` grows geometrically).
+
+    **Projection.** With ``index_dims = r``, the index holds each key's coordinates on the layer's
+    ``r`` principal directions (the top right singular vectors of its keys, not centred, so that inner
+    products are what is kept) instead of the whole key, and the mean query is projected the same
+    way; the candidates are then scored exactly on the full keys as always. The index shrinks from
+    ``4 * (key_size + 1)`` to ``4 * (r + 1)`` bytes of vector per entry, and each graph step costs
+    less; the price is that the candidates are ranked by the projected inner product, which misses
+    what the dropped directions carry. The directions are fitted on the layer's first keys and refitted
+    (the index rebuilt) each time the layer doubles, until they were fitted on :data:`FIT_ROWS` keys;
+    after a load they are fitted on the loaded keys. Needs ``key_copy``.
 
     **Keys.** With ``key_copy`` (the default) the keys are also kept as a tensor in the storage dtype,
     which :meth:`get`, :meth:`keys` and :meth:`entries` read. Without it they are read back from the
@@ -141,6 +158,15 @@ class HnswStore(StagedStore):
             description="'mips-l2': keys are padded to this many times the largest key norm seen",
             ge=1.0,
         )
+        index_dims: int | None = Field(
+            None,
+            description=(
+                "index the keys' coordinates on this many principal directions of the layer's keys instead of "
+                "the whole keys (smaller, faster index; candidates still scored exactly); None indexes the "
+                "whole keys; needs key_copy"
+            ),
+            gt=0,
+        )
         key_copy: bool = Field(
             True,
             description=(
@@ -152,6 +178,11 @@ class HnswStore(StagedStore):
     config: Config
 
     def __init__(self, config: Config, *, num_layers: int, hidden_size: int, key_size: int) -> None:
+        if config.index_dims is not None and not config.key_copy:
+            raise RecipeError(
+                "hnsw store: index_dims needs key_copy=True (the index then holds projected keys, from which "
+                "the full keys cannot be read back); set key_copy: true or drop index_dims"
+            )
         self.extra_columns = ("labels", "keys") if config.key_copy else ("labels",)
         super().__init__(config, num_layers=num_layers, hidden_size=hidden_size, key_size=key_size)
 
@@ -173,8 +204,19 @@ class HnswStore(StagedStore):
         aux: _LayerIndex = layer.aux
         m = int(keys.shape[0])
         keys32 = keys.to(torch.float32)
-        if self.config.space == "mips-l2":
-            longest = float(torch.linalg.vector_norm(keys32, dim=1).max())
+        refit = self._refit_due(layer, m)
+        if refit:
+            live = layer.column("keys").float()
+            aux.basis = self._principal_directions(torch.cat([live, keys32]))
+            aux.fitted_on = int(live.shape[0]) + m
+        points32 = self._project(aux, keys32)
+        longest = float(torch.linalg.vector_norm(points32, dim=1).max()) if self.config.space == "mips-l2" else 0.0
+        if refit and aux.index is not None:  # new coordinates: re-index the live entries
+            live_points = self._project(aux, live)
+            if live_points.numel():
+                longest = max(longest, float(torch.linalg.vector_norm(live_points, dim=1).max()))
+            self._rebuild(layer, self.config.norm_headroom * longest)
+        elif self.config.space == "mips-l2":
             if aux.index is None:
                 aux.bound = self.config.norm_headroom * longest
             elif longest > aux.bound:
@@ -187,14 +229,44 @@ class HnswStore(StagedStore):
         if needed > index.max_elements:
             index.resize_index(min(self.capacity, max(needed, 2 * int(index.max_elements))))
         labels = torch.arange(aux.next_label, aux.next_label + m, dtype=torch.int64)
-        points = self._points(keys32, aux.bound)
+        points = self._points(points32, aux.bound)
         index.add_items(points, labels.numpy(), num_threads=self._threads(), replace_deleted=True)
         aux.next_label += m
         aux.deleted -= min(m, aux.deleted)
         return {"labels": labels, "keys": keys} if self.config.key_copy else {"labels": labels}
 
+    def _refit_due(self, layer: _Layer, m: int) -> bool:
+        """Whether ``index_dims``'s directions are (re)fitted before ``m`` more keys enter ``layer``."""
+        if self._index_width() == self.key_size:  # no index_dims, or as many as the keys have: no projection
+            return False
+        aux: _LayerIndex = layer.aux
+        if aux.basis is None:
+            return True
+        return aux.fitted_on < FIT_ROWS and layer.size + m >= 2 * aux.fitted_on
+
+    def _principal_directions(self, keys32: torch.Tensor) -> torch.Tensor:
+        """The top ``index_dims`` right singular vectors of ``keys32`` ``[n, k]``: ``[k, index_dims]`` float32.
+
+        At most :data:`FIT_ROWS` evenly spaced rows are used. Not centred: the projection keeps the
+        part of each key that inner products with queries see most.
+        """
+        dims = self._index_width()
+        n = int(keys32.shape[0])
+        rows = keys32 if n <= FIT_ROWS else keys32[torch.linspace(0, n - 1, FIT_ROWS).long()]
+        # full_matrices: k directions even when fewer than k keys were seen (the rest complete the basis)
+        vh = torch.linalg.svd(rows.double(), full_matrices=True).Vh
+        return vh[:dims].T.to(torch.float32).contiguous()
+
+    def _project(self, aux: _LayerIndex, keys32: torch.Tensor) -> torch.Tensor:
+        """What the index holds for float32 keys (or queries) ``[m, k]``: ``[m, index width]``."""
+        return keys32 if aux.basis is None else keys32 @ aux.basis
+
+    def _index_width(self) -> int:
+        dims = self.config.index_dims
+        return self.key_size if dims is None else min(dims, self.key_size)
+
     def _new_index(self, max_elements: int) -> Any:
-        dim = self.key_size + (1 if self.config.space == "mips-l2" else 0)
+        dim = self._index_width() + (1 if self.config.space == "mips-l2" else 0)
         index = hnswlib.Index(space="l2" if self.config.space == "mips-l2" else "ip", dim=dim)
         index.init_index(
             max_elements=max_elements,
@@ -206,7 +278,7 @@ class HnswStore(StagedStore):
         return index
 
     def _points(self, keys32: torch.Tensor, bound: float) -> np.ndarray:
-        """What the index stores for float32 keys ``[m, k]``: the keys, padded in ``"mips-l2"``."""
+        """What the index stores for float32 (projected) keys ``[m, w]``: the keys, padded in ``"mips-l2"``."""
         if self.config.space == "ip":
             return keys32.numpy()
         squared = torch.linalg.vector_norm(keys32.double(), dim=1) ** 2
@@ -214,10 +286,12 @@ class HnswStore(StagedStore):
         return torch.cat([keys32, pad[:, None]], dim=1).numpy()
 
     def _rebuild(self, layer: _Layer, bound: float) -> None:
-        """Re-index ``layer``'s live entries (same labels) with a new padding norm ``bound``."""
+        """Re-index ``layer``'s live entries (same labels) with a new padding norm ``bound`` (and the
+        current projection)."""
         aux: _LayerIndex = layer.aux
         labels = layer.column("labels")
         keys32 = layer.column("keys").float() if self.config.key_copy else self._raw_keys(aux, labels)
+        keys32 = self._project(aux, keys32)
         aux.index = self._new_index(min(self.capacity, max(int(labels.numel()), 1024)))
         aux.bound, aux.deleted = bound, 0
         if labels.numel():
@@ -267,7 +341,7 @@ class HnswStore(StagedStore):
         if fetch >= n:
             return torch.arange(n)
         aux: _LayerIndex = lyr.aux
-        q = queries.detach().to(device="cpu", dtype=torch.float32)
+        q = self._project(aux, queries.detach().to(device="cpu", dtype=torch.float32))
         if self.config.space == "mips-l2":
             q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
         searches = [(data, count) for data, count in ((q.mean(dim=0, keepdim=True), fetch), (q, per_query)) if count]
