@@ -41,6 +41,7 @@ from memkit.api import wrap
 from memkit.backbone import Backbone
 from memkit.errors import CheckpointError, IncompatibleModelError, InputError, MemoryStateError
 from memkit.model import MemkitModel
+from memkit.permissions import default_dir_mode, default_file_mode
 from memkit.recipe import Recipe
 from memkit.state import differences, read_safetensors, tensor_problems
 
@@ -156,6 +157,7 @@ def _atomic_file(target: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp and safetensors make it private; it is an ordinary file
         _fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:
@@ -169,9 +171,11 @@ def _atomic_dir(target: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old: Path | None = None
     try:
+        os.chmod(tmp, default_dir_mode())  # mkdtemp's folder is private; a pretrained folder is not
         write(tmp)
         for path in tmp.rglob("*"):
             if path.is_file():
+                os.chmod(path, default_file_mode())  # safetensors writes its files private
                 _fsync_file(path)
         _fsync_dir(tmp)
         if target.exists():  # a folder cannot be renamed over a full one: move the old one aside first

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from memkit.errors import MemoryStateError
+from memkit.permissions import default_file_mode
 
 __all__ = [
     "CHECKSUMS_KEY",
@@ -88,6 +89,7 @@ def write_state(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], 
     tmp = Path(tmp_name)
     try:
         save_file(contiguous, str(tmp), metadata=header)
+        os.chmod(tmp, default_file_mode())  # mkstemp and safetensors make it private; it is an ordinary file
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)

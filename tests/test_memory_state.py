@@ -168,3 +168,15 @@ def test_a_file_of_another_dtype_is_refused_rather_than_converted(tmp_path):
     other = _mem()
     with pytest.raises(memkit.MemoryStateError, match="bfloat16.*float32.*'dtype': 'bfloat16'"):
         other.load_memory(tmp_path / "m.memkit")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_a_saved_memory_file_gets_the_umask_default_mode_not_a_private_one(tmp_path, mask):
+    mem = _mem()
+    mem.inject(torch.arange(3, 40))
+    old = os.umask(mask)
+    try:
+        mem.save_memory(tmp_path / "notes.memkit")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "notes.memkit").stat().st_mode & 0o777 == 0o666 & ~mask

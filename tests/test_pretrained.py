@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -401,3 +402,15 @@ def test_a_model_loaded_with_official_fidelity_warns_that_its_quirks_are_not_sav
     with pytest.warns(UserWarning, match="_OfficialKVInjector"):
         loaded = load_pretrained(tmp_path)
     assert type(loaded.injector).__name__ == "KVInjector"
+
+
+def test_a_pretrained_folder_and_its_files_get_the_umask_default_modes(tmp_path):
+    mem = _trained("mplus")
+    old = os.umask(0o022)
+    try:
+        save_pretrained(mem, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)

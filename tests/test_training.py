@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -309,6 +310,11 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
     assert torch.equal(mem.pool.read(), resumed.pool.read())
     saved = load_file(str(tmp_path / "b" / "checkpoint-10" / "trainable.safetensors"))
     assert set(saved) == {n for n, _ in trainer.parameters}
+    # ordinary files, as open() would make them under this umask (safetensors alone makes them private)
+    mask = os.umask(0)
+    os.umask(mask)
+    files = list((tmp_path / "b" / "checkpoint-10").iterdir())
+    assert files and all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in files)
 
 
 def test_a_checkpoint_of_another_recipe_is_refused(tmp_path):

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from memkit.permissions import default_file_mode
+
 __all__ = ["header", "write_json"]
 
 
@@ -40,10 +42,8 @@ def write_json(report: dict[str, Any], path: Path) -> None:
     """Write ``report`` to ``path`` atomically (a temporary file renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; a report is an ordinary file
+        os.fchmod(fd, default_file_mode())  # mkstemp makes the file private; a report is an ordinary file
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
             handle.write("\n")

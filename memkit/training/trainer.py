@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from memkit.errors import DataError, TrainingError
 from memkit.model import MemkitModel
+from memkit.permissions import default_file_mode
 from memkit.scoring import mean_sigmoid_scores
 from memkit.state import differences
 from memkit.training.config import StageConfig
@@ -572,6 +573,8 @@ class Trainer:
             "history": [asdict(r) for r in self.history],
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        for path in tmp.iterdir():  # safetensors writes its files private; a checkpoint is ordinary files
+            os.chmod(path, default_file_mode())
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
