@@ -162,6 +162,36 @@ def test_a_process_whose_share_of_the_documents_is_empty_gets_an_error_not_an_en
         next(trainer._stream(1, 2))
 
 
+@pytest.mark.parametrize(
+    ("kind", "zero_stage", "refused"),
+    [("FSDP", None, "FSDP"), ("DEEPSPEED", 3, "DeepSpeed ZeRO-3"), ("DEEPSPEED", 2, None), ("MULTI_CPU", None, None)],
+)
+def test_an_accelerator_that_shards_parameters_is_refused_before_training(kind, zero_stage, refused):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop  # reached only when the accelerator was accepted
+
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType(kind),
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage) if zero_stage else None),
+        prepare_model=stop,
+    )
+    mem = _mplus()
+    before = {n: p.clone() for n, p in mem.named_parameters()}
+    trainer = Trainer(mem, _docs(), stage="stage3", steps=1, accelerator=accelerator, progress=False, **FAST)
+    with pytest.raises(
+        memkit.TrainingError if refused else Stop, match=refused and f"shards parameters \\({refused}\\)"
+    ):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in mem.named_parameters())
+
+
 # ---------------------------------------------------------------------------------------------------
 # the step: paths and losses
 # ---------------------------------------------------------------------------------------------------

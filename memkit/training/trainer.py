@@ -20,9 +20,11 @@ layers, added to the LM loss with ``retriever_loss_weight``. Memory is never gra
 changes by writes of detached vectors.
 
 Scale-out is accelerate's: the step runs inside a module that accelerate prepares (DDP under
-``accelerate launch`` or ``torchrun``; FSDP and DeepSpeed through accelerate's config), so gradients are
+``accelerate launch`` or ``torchrun``), so gradients are
 averaged across processes and every process ends with the same weights. Each process keeps its own
 memory, fed by its own share of the documents (document ``i`` goes to process ``i % world``).
+Sharding the parameters (FSDP, DeepSpeed ZeRO-3) is refused: each process draws its own path and
+chunks, so the processes would run different numbers of forwards, which sharding makes collective.
 """
 
 from __future__ import annotations
@@ -285,6 +287,7 @@ class Trainer:
             cpu=self.mem.device.type == "cpu",  # accelerate runs CPU processes together (gloo) only when asked
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self._refuse_sharding(accelerator)
         for _, p in self.parameters:
             p.requires_grad_(True)
         groups = [{"params": [p for _, p in self._groups["memory"]], "lr": cfg.learning_rate}]
@@ -297,6 +300,21 @@ class Trainer:
         # Not prepared: accelerate would step a prepared scheduler once per process; the schedule here
         # counts optimiser steps, and train() steps it only when the optimiser stepped.
         return accelerator, module, optimizer, scheduler
+
+    @staticmethod
+    def _refuse_sharding(accelerator: Any) -> None:
+        """FSDP and DeepSpeed ZeRO-3 gather parameters at every forward of a sharded module, a collective
+        call; the processes' steps differ in how many forwards they run, so they would wait for ever."""
+        kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", ""))
+        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+        if kind == "FSDP" or (kind == "DEEPSPEED" and getattr(plugin, "zero_stage", None) == 3):
+            shown = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+            raise TrainingError(
+                f"the accelerator shards parameters ({shown}); memkit's trainer does not support that yet: "
+                "each process takes its own path and chunks, so the processes would run different numbers "
+                "of forwards and wait on each other for ever. Use DDP (accelerate's default for several "
+                "processes) or DeepSpeed ZeRO-1/2"
+            )
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.stage
