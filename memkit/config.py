@@ -12,12 +12,13 @@ __all__ = ["MemkitConfig"]
 class MemkitConfig(BaseModel):
     """Base of every component and recipe configuration.
 
-    Unknown keys are refused (``extra="forbid"``), values are validated on assignment, and a
+    Unknown keys are refused (``extra="forbid"``), values of the wrong type too (``strict``: nothing is
+    converted, except an int where a float is wanted), values are validated on assignment, and a
     subclass must give every field a ``description``: the class refuses to be defined otherwise, so
     the documentation of each setting cannot go missing.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -41,6 +41,29 @@ def test_an_unknown_override_names_the_valid_fields():
         memkit.wrap(tiny_model("llama"), "memoryllm", capacity=40)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"chunk_size": True},
+        {"chunk_size": "16"},
+        {"chunk_size": 16.0},
+        {"pool": {"capacity": 24.0}},
+        {"store": {"merge_every": "3"}},
+        {"adapters": {"rank": False}},
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused_not_coerced(overrides):
+    """Strict configs: a bool, a string or a float is not taken for an int (True would have become 1)."""
+    with pytest.raises(memkit.RecipeError, match="Input should be a valid integer"):
+        memkit.wrap(tiny_model("llama"), "mplus", **overrides)
+
+
+def test_an_int_is_accepted_where_a_float_is_wanted():
+    from memkit.builtin.hnsw_store import HnswStore
+
+    assert HnswStore.Config(capacity=10, merge_every=2, overfetch=3).overfetch == 3.0
+
+
 def test_an_unknown_part_option_lists_that_parts_options():
     with pytest.raises(memkit.RecipeError, match=r"\[pool\] 'random_drop'.*capacityy.*Valid options: capacity"):
         memkit.wrap(tiny_model("llama"), "memoryllm", pool={"capacityy": 3})
