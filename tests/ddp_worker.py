@@ -1,30 +1,34 @@
-"""Worker for tests/test_training_ddp.py: one process of a two-process DDP run on the gloo backend.
+"""Worker for tests/test_training_ddp.py: one process of a two-process run on the gloo backend.
 
-Run by ``torchrun --nproc_per_node 2 tests/ddp_worker.py OUT``. Each process trains the same tiny
-M+ model on its share of the documents; it writes its trained weights and its memory to ``OUT``.
+Run by ``torchrun --nproc_per_node 2 tests/ddp_worker.py OUT [ddp|fsdp] [RESUME]``. Each process trains
+the same tiny M+ model on its share of the documents (``parallel`` = ddp or fsdp), with a checkpoint in
+``OUT/checkpoints``; it writes its trained weights, its memory and the logits of a fixed prompt read
+from its memory to ``OUT``. With ``RESUME`` (a checkpoint folder) it continues that run instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 
 import memkit
 from memkit.testing import tiny_model
 from memkit.training import Trainer
 
 
-def main(out: str) -> None:
+def main(out: str, parallel: str = "ddp", resume: str | None = None) -> None:
     rank = int(os.environ["RANK"])
     mem = memkit.wrap(
         tiny_model("llama"),
         "mplus",
         chunk_size=16,
         retrieve=8,
-        pool={"capacity": 24, "write_size": 8, "seed": rank},
+        pool={"capacity": 24, "write_size": 8},
         store={"capacity": 200, "merge_every": 3},
         retriever={"key_size": 8},
     )
@@ -50,13 +54,28 @@ def main(out: str) -> None:
         max_target_tokens=32,
         max_contexts=4,
         learning_rate=1e-3,
+        # every path, and two documents per step
+        multi_chunk_prob=0.5,
+        revisit_prob=0.3,
+        plain_lm_prob=0.15,
+        gradient_accumulation_steps=2,
+        parallel=parallel,
+        output_dir=f"{out}/checkpoints",
+        save_every=3,
+        resume_from=resume,
     )
     initial = {name: p.detach().clone() for name, p in trainer.parameters}
     trainer.train()
+    sharded = [isinstance(layer, FSDPModule) for layer in mem.backbone.layers]
+    with open(f"{out}/run{rank}.json", "w") as fh:
+        json.dump({"sharded_layers": sharded, "paths": [r.paths for r in trainer.history]}, fh)
     save_file({name: p.detach().contiguous() for name, p in trainer.parameters}, f"{out}/rank{rank}.safetensors")
     save_file(initial, f"{out}/initial{rank}.safetensors")
     save_file({"pool": mem.pool.read().contiguous(), "sources": mem.pool.sources()}, f"{out}/memory{rank}.safetensors")
+    with torch.no_grad():  # the trained model, whole again on every process, reads its memory
+        logits = mem(input_ids=torch.arange(5, 25).unsqueeze(0)).logits
+    save_file({"logits": logits.contiguous()}, f"{out}/logits{rank}.safetensors")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

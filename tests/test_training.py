@@ -354,6 +354,13 @@ def test_a_checkpoint_of_another_recipe_is_refused(tmp_path):
         Trainer(other, _docs(), stage="stage3", steps=4, resume_from=tmp_path / "checkpoint-2", **FAST).train()
     with pytest.raises(memkit.TrainingError, match="not a memkit training checkpoint"):
         Trainer(_mplus(), _docs(), stage="stage3", steps=4, resume_from=tmp_path, **FAST).train()
+    # An FSDP run's optimiser state is keyed by parameter name; a process that does not shard cannot take it.
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["parallel"] == "ddp"
+    state_file.write_text(json.dumps({**state, "parallel": "fsdp"}))
+    with pytest.raises(memkit.TrainingError, match="written by a parallel='fsdp' run.*resume it with parallel='fsdp'"):
+        Trainer(_mplus(), _docs(), stage="stage3", steps=4, resume_from=tmp_path / "checkpoint-2", **FAST).train()
 
 
 def test_a_trained_model_saves_and_loads_with_identical_logits(tmp_path):

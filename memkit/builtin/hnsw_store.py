@@ -358,7 +358,8 @@ class HnswStore(StagedStore):
                 found.append(torch.from_numpy(labels.astype(np.int64).reshape(-1)))
         except RuntimeError:  # hnswlib found fewer than `count` live nodes: fall back to every entry
             return torch.arange(n)
-        labels = torch.unique(torch.cat(found))
+        # One search returns distinct labels: sorting them is enough (cheaper than unique).
+        labels = torch.sort(found[0]).values if len(found) == 1 else torch.unique(torch.cat(found))
         all_labels = lyr.column("labels")
         rows = torch.searchsorted(all_labels, labels)
         if bool((rows >= n).any()) or not torch.equal(all_labels[rows.clamp(max=n - 1)], labels):

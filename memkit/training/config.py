@@ -41,6 +41,14 @@ class StageConfig(MemkitConfig):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="accelerate's mixed precision (M+: bf16-mixed on GPUs); 'no' on CPU"
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description=(
+            "how several processes train together: 'ddp' keeps a whole copy of the model in each (accelerate's "
+            "DistributedDataParallel); 'fsdp' shards every parameter across them with torch's fully_shard "
+            "(one group per decoder layer plus one for the rest); one process trains alone either way"
+        ),
+    )
     multi_chunk_prob: float = Field(
         0.8,
         ge=0,

@@ -19,12 +19,21 @@ from this document; loss ``[mean(-log w+) + lambda mean(-log(1 - w-))] / (1 + la
 layers, added to the LM loss with ``retriever_loss_weight``. Memory is never gradient-trained: it only
 changes by writes of detached vectors.
 
-Scale-out is accelerate's: the step runs inside a module that accelerate prepares (DDP under
-``accelerate launch`` or ``torchrun``), so gradients are
-averaged across processes and every process ends with the same weights. Each process keeps its own
-memory, fed by its own share of the documents (document ``i`` goes to process ``i % world``).
-Sharding the parameters (FSDP, DeepSpeed ZeRO-3) is refused: each process draws its own path and
-chunks, so the processes would run different numbers of forwards, which sharding makes collective.
+Scale-out runs on existing engines. With ``parallel = "ddp"`` (the default) the step runs inside a
+module that accelerate prepares (DDP under ``accelerate launch`` or ``torchrun``), so gradients are
+averaged across processes and every process ends with the same weights. With ``parallel = "fsdp"``
+torch's ``fully_shard`` (FSDP2) shards every parameter, trained or frozen, across the processes: one
+group per decoder layer and one for the rest. Each process keeps its own memory, fed by its own share
+of the documents (document ``i`` goes to process ``i % world``).
+
+Sharding makes every use of a parameter collective, and memkit uses the layers outside a plain
+forward (injections without gradient, retrieval, the retention probe), a different number of times on
+each process. So under FSDP each micro-step gathers every group once at its start and frees the
+gathered copies at its end (after the backward has reduce-scattered the gradients, before the
+optimiser steps on the shards); in between no forward communicates. The processes draw the step's
+path from one shared random stream, so they run the same backwards and reduce the same gradients;
+their chunk lengths and counts stay their own. After :meth:`Trainer.train` every process holds the
+whole trained model again (gathered), so saving and generating work as after DDP.
 """
 
 from __future__ import annotations
@@ -172,6 +181,9 @@ class Trainer:
         resume_from: a checkpoint folder to continue from (its recipe and model must be this run's).
         accelerator: an ``accelerate.Accelerator`` to use; default: one built from the stage
             (mixed precision, gradient accumulation, DDP that tolerates paths not using every parameter).
+            With the stage's ``parallel = "fsdp"`` memkit shards the model itself (torch's ``fully_shard``)
+            and uses the accelerator only for its processes; an accelerator configured for FSDP or
+            DeepSpeed ZeRO-3 is refused.
         progress: show a progress bar (on the main process).
         **overrides: stage settings to change, e.g. ``steps=100``.
 
@@ -230,6 +242,10 @@ class Trainer:
         self._position = 0  # documents consumed (all processes together)
         self._revisits: list[tuple[torch.Tensor, list[int]]] = []
         self._rng = random.Random(cfg.seed)
+        # The step's path (revisit, plain, multi- or two-chunk): one stream shared by every process.
+        self._path_rng = random.Random(cfg.seed)
+        self._sharded: list[nn.Module] = []  # parallel = "fsdp": the fully_shard-ed modules, root last
+        self._used: set[str] = set()  # parallel = "fsdp": trained parameters with a gradient since the last step
         self._resume_from = Path(resume_from) if resume_from is not None else None
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -290,12 +306,16 @@ class Trainer:
         self._refuse_sharding(accelerator)
         for _, p in self.parameters:
             p.requires_grad_(True)
+        step = _Step(self)
+        sharded = cfg.parallel == "fsdp" and accelerator.num_processes > 1
+        if sharded:
+            self._shard(step, accelerator)
         groups = [{"params": [p for _, p in self._groups["memory"]], "lr": cfg.learning_rate}]
         if self._groups["retriever"]:
             groups.append({"params": [p for _, p in self._groups["retriever"]], "lr": cfg.retriever_learning_rate})
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        module = accelerator.prepare_model(_Step(self), device_placement=False)
+        module = step if sharded else accelerator.prepare_model(step, device_placement=False)
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
         # Not prepared: accelerate would step a prepared scheduler once per process; the schedule here
         # counts optimiser steps, and train() steps it only when the optimiser stepped.
@@ -303,18 +323,140 @@ class Trainer:
 
     @staticmethod
     def _refuse_sharding(accelerator: Any) -> None:
-        """FSDP and DeepSpeed ZeRO-3 gather parameters at every forward of a sharded module, a collective
-        call; the processes' steps differ in how many forwards they run, so they would wait for ever."""
+        """An accelerator that shards parameters itself (accelerate's FSDP plugin, DeepSpeed ZeRO-3) would
+        gather them at every forward of a sharded module, a collective call; the processes' steps differ
+        in how many forwards they run, so they would wait for ever. memkit shards with parallel='fsdp'."""
         kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", ""))
         plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
         if kind == "FSDP" or (kind == "DEEPSPEED" and getattr(plugin, "zero_stage", None) == 3):
             shown = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
             raise TrainingError(
-                f"the accelerator shards parameters ({shown}); memkit's trainer does not support that yet: "
-                "each process takes its own path and chunks, so the processes would run different numbers "
-                "of forwards and wait on each other for ever. Use DDP (accelerate's default for several "
-                "processes) or DeepSpeed ZeRO-1/2"
+                f"the accelerator shards parameters ({shown}) itself; memkit's steps use the layers outside "
+                "plain forwards, a different number of times on each process, so such sharding would make the "
+                "processes wait on each other for ever. Set the stage's parallel = 'fsdp' with a plain "
+                "accelerator (memkit then shards with torch's fully_shard and gathers once per step), or use "
+                "DDP or DeepSpeed ZeRO-1/2"
             )
+
+    def _shard(self, step: _Step, accelerator: Any) -> None:
+        """Shard every parameter across the processes with torch's ``fully_shard`` (FSDP2).
+
+        Rank 0's parameters are broadcast first (as DDP does), so every process starts from the same
+        model. Groups: each decoder layer, then the rest (``step``, the root). Gathered copies are kept
+        until :meth:`_gathered` frees them; gradients of trained parameters a path leaves unused are
+        reduced as zeros, so every process reduces the same tensors.
+        """
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if any(isinstance(m, FSDPModule) for m in self.mem.modules()):
+            raise TrainingError(
+                "this model was already sharded by an earlier parallel='fsdp' run (its modules keep FSDP's hooks); "
+                "save it with save_pretrained and load it again with memkit.from_pretrained to train it further"
+            )
+        with torch.no_grad():
+            for p in step.parameters():
+                dist.broadcast(p.data, src=0)
+        mesh = init_device_mesh(self.mem.device.type, (accelerator.num_processes,))
+        layers = list(self.mem.backbone.layers)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+        fully_shard(step, mesh=mesh, reshard_after_forward=False)
+        root: Any = step
+        root.set_reshard_after_backward(False)
+        root.set_reduce_scatter_unused_params(True)
+        # No reduction during the backward: FSDP would reduce a group when autograd reaches its inputs,
+        # and whether a layer's inputs need a gradient depends on each process's memory, so the order
+        # of the reduce-scatters could differ between processes. _reduce_gradients does it after.
+        root.set_requires_gradient_sync(False)
+        # The root must be initialised before any layer runs on its own (injections happen before the
+        # step's forward); torch does it at the root's first forward, through this method.
+        root._get_fsdp_state()._lazy_init()
+        self._sharded = [*layers, step]
+        # fully_shard replaced the parameters with sharded ones: the optimiser must see those.
+        self._groups = self._trainable_groups()
+
+    @contextlib.contextmanager
+    def _gathered(self, track: bool = False) -> Iterator[None]:
+        """Under FSDP, every group's whole parameters for the block (one all-gather per group, on every
+        process alike), freed at its end; without sharding, nothing.
+
+        With ``track``, the names of the trained parameters that receive a gradient in the block are
+        added to ``self._used`` (see :meth:`_drop_unused_gradients`).
+        """
+        if not self._sharded:
+            yield
+            return
+        for module in self._sharded:
+            module.unshard()  # type: ignore[operator]
+        handles = []
+        try:
+            if track:
+                for name, p in self._trainable_groups()["memory"] + self._trainable_groups()["retriever"]:
+                    handles.append(p.register_hook(lambda grad, name=name: self._used.add(name)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in self._sharded:
+                module.reshard()  # type: ignore[operator]
+
+    def _reduce_gradients(self) -> None:
+        """Under FSDP, after a backward: reduce-scatter every group's gradients into the shards (summed
+        onto what earlier micro-steps left there), one group at a time in one fixed order on every
+        process. This is FSDP's own post-backward reduction, run at a point every process reaches alike."""
+        groups = []
+        for module in self._sharded:
+            groups += module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+        for module in self._sharded:
+            module.set_requires_gradient_sync(True, recurse=False)  # type: ignore[operator]
+        try:
+            for group in groups:
+                group.post_backward()
+            for group in groups:
+                group.finalize_backward()
+        finally:
+            for module in self._sharded:
+                module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
+
+    def _drop_unused_gradients(self) -> None:
+        """Under FSDP, clear the gradient of every trained parameter no process used since the last step.
+
+        FSDP reduces zeros for a parameter a process did not use (so that every process reduces the same
+        tensors); DDP leaves the gradient of a parameter no process used at None, and the optimiser then
+        skips it (AdamW would otherwise move it by its momentum). This makes FSDP do what DDP does.
+        """
+        import torch.distributed as dist
+
+        used = torch.tensor([name in self._used for name, _ in self.parameters], dtype=torch.int32)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        for (_, p), flag in zip(self.parameters, used.tolist(), strict=True):
+            if not flag:
+                p.grad = None
+        self._used.clear()
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        """Every trained parameter, whole, on the CPU (under FSDP a collective: call on every process)."""
+        out = {}
+        for name, p in self.parameters:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = full.detach().contiguous().cpu()
+        return out
+
+    def _optimizer_state(self, optimizer: Any) -> dict[str, Any] | None:
+        """The optimiser's state to save: its own state dict; under FSDP the whole (unsharded) state keyed
+        by parameter name, a collective (call on every process; the main process gets it)."""
+        if optimizer is None:
+            return None
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not self._sharded:
+            return inner.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            self._sharded[-1], inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.stage
@@ -336,6 +478,7 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed + rank)
             self._rng = random.Random(cfg.seed * 1_000_003 + rank)
+            self._path_rng = random.Random(cfg.seed)
         probe = self._probe_data() if self.probe else None
         documents = self._stream(rank, world)
         was_training = mem.training
@@ -353,10 +496,16 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 for _ in range(cfg.gradient_accumulation_steps):
-                    plan = self._plan(next(documents))
                     with accelerator.accumulate(module):
-                        loss, lm_loss, ret_loss, delta = module(plan)
-                        accelerator.backward(loss)
+                        with self._gathered(track=True):
+                            plan = self._plan(next(documents))
+                            loss, lm_loss, ret_loss, delta = module(plan)
+                            accelerator.backward(loss)
+                            if self._sharded:
+                                self._reduce_gradients()
+                        # Under FSDP the optimiser steps on the shards, after the gathered copies are freed.
+                        if self._sharded and accelerator.sync_gradients:
+                            self._drop_unused_gradients()
                         if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                             accelerator.clip_grad_norm_([p for _, p in self.parameters], cfg.max_grad_norm)
                         optimizer.step()
@@ -364,7 +513,8 @@ class Trainer:
                             scheduler.step()
                         optimizer.zero_grad()
                     if delta is not None:  # the two-chunk path's vectors join memory after the step
-                        mem.write_vectors(delta.detach(), plan.sources[0])
+                        with self._gathered():  # the retriever's keys of what the pool evicts
+                            mem.write_vectors(delta.detach(), plan.sources[0])
                     sums["loss"] += float(loss.detach())
                     sums["lm"] += float(lm_loss)
                     if ret_loss is not None:
@@ -377,16 +527,25 @@ class Trainer:
                 bar.update(1)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last:
-                    record = self._record(sums, paths, clock, scheduler, probe)
+                    with self._gathered():
+                        record = self._record(sums, paths, clock, scheduler, probe)
                     bar.set_postfix(loss=f"{record.loss:.3f}", retention=record.retention)
                     if accelerator.is_main_process:
                         self._log(record)
                     sums = dict.fromkeys(sums, 0.0)
                     paths, clock = {}, time.perf_counter()
                 if self.output_dir is not None and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
+                    weights = self._full_weights()  # collectives under FSDP: every process takes part
+                    optimizer_state = self._optimizer_state(optimizer)
                     accelerator.wait_for_everyone()
                     if accelerator.is_main_process:
-                        self.save_checkpoint(self.output_dir / f"checkpoint-{self.step}", optimizer, scheduler)
+                        self._write_checkpoint(
+                            self.output_dir / f"checkpoint-{self.step}", weights, optimizer_state, scheduler
+                        )
+            if self._sharded:  # every process gets the whole trained model back, and keeps it
+                for sharded in self._sharded:
+                    sharded.unshard()  # type: ignore[operator]
+                self._groups = self._trainable_groups()
         finally:
             bar.close()
             mem.train(was_training)
@@ -445,18 +604,19 @@ class Trainer:
     def _plan(self, document: tuple[str, torch.Tensor]) -> _Plan:
         cfg, mem = self.stage, self.mem
         name, ids = document
-        draw = self._rng.random()
-        if self._revisits and draw < cfg.revisit_prob:
+        # Every process draws the same path (three numbers per step from the shared stream).
+        revisit, plain, multi_draw = (self._path_rng.random() for _ in range(3))
+        if self._revisits and revisit < cfg.revisit_prob:
             target, sources = self._revisits[self._rng.randrange(len(self._revisits))]
             return _Plan("revisit", [], target, sources)
         if self._rng.random() < cfg.empty_memory_prob:
             mem.reset_memory()
         n = int(ids.numel())
-        if self._rng.random() < cfg.plain_lm_prob:
+        if plain < cfg.plain_lm_prob:
             piece = ids[: cfg.max_chunk_tokens + cfg.max_target_tokens]
             cut = min(cfg.max_chunk_tokens, int(piece.numel()) // 2)
             return _Plan("plain", [piece[:cut]], piece[cut:], [])
-        multi = self._rng.random() < cfg.multi_chunk_prob
+        multi = multi_draw < cfg.multi_chunk_prob
         cap = cfg.contexts_at(self.step) if multi else 1
         chunks: list[torch.Tensor] = []
         start = 0
@@ -561,15 +721,27 @@ class Trainer:
     def save_checkpoint(self, folder: str | os.PathLike[str], optimizer: Any = None, scheduler: Any = None) -> Path:
         """Write the trained weights, optimiser, scheduler, random states, memory and position to ``folder``.
 
-        Written into ``<folder>.tmp`` and renamed at the end, so a folder that exists is complete.
+        Written into ``<folder>.tmp`` and renamed at the end, so a folder that exists is complete. Under
+        ``parallel = "fsdp"`` with several processes it gathers the shards, a collective call: call it on
+        every process (each writes the same whole weights; give each its own folder, or let
+        :meth:`train` write checkpoints, which it does from the main process only).
         """
+        return self._write_checkpoint(folder, self._full_weights(), self._optimizer_state(optimizer), scheduler)
+
+    def _write_checkpoint(
+        self,
+        folder: str | os.PathLike[str],
+        weights: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any] | None,
+        scheduler: Any,
+    ) -> Path:
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.parameters}, str(tmp / "trainable.safetensors"))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         self.mem.save_memory(tmp / "memory.safetensors")
@@ -588,6 +760,8 @@ class Trainer:
             "step": self.step,
             "position": self._position,
             "python_rng": _rng_to_json(self._rng.getstate()),
+            "path_rng": _rng_to_json(self._path_rng.getstate()),
+            "parallel": "fsdp" if self._sharded else "ddp",
             "history": [asdict(r) for r in self.history],
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -617,6 +791,12 @@ class Trainer:
                 f"checkpoint {folder} was made for another recipe or model ({'; '.join(diffs)}); resume with the "
                 "recipe and model it was trained with, or start a new run"
             )
+        parallel = "fsdp" if self._sharded else "ddp"
+        if state.get("parallel", "ddp") != parallel:
+            raise TrainingError(
+                f"checkpoint {folder} was written by a parallel={state.get('parallel')!r} run, whose optimiser state "
+                f"is laid out differently; resume it with parallel={state.get('parallel')!r} on several processes"
+            )
         weights = load_file(str(folder / "trainable.safetensors"))
         mine = dict(self.parameters)
         if set(weights) != set(mine):
@@ -624,9 +804,26 @@ class Trainer:
             raise TrainingError(f"checkpoint {folder} trains other parameters (missing: {missing}; unknown: {extra})")
         with torch.no_grad():
             for name, tensor in weights.items():
-                mine[name].copy_(tensor.to(mine[name].device, mine[name].dtype))
+                target: Any = mine[name]
+                tensor = tensor.to(target.device, target.dtype)
+                if hasattr(target, "device_mesh"):  # a shard: keep this process's part of the whole tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    tensor = distribute_tensor(tensor, target.device_mesh, target.placements, src_data_rank=None)
+                target.copy_(tensor)
         if (folder / "optimizer.pt").exists():
-            optimizer.load_state_dict(_load_plain(folder / "optimizer.pt"))
+            saved = _load_plain(folder / "optimizer.pt")
+            if self._sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(
+                    self._sharded[-1],
+                    getattr(optimizer, "optimizer", optimizer),
+                    saved,
+                    options=StateDictOptions(full_state_dict=True),
+                )
+            else:
+                optimizer.load_state_dict(saved)
         if (folder / "scheduler.pt").exists():
             scheduler.load_state_dict(_load_plain(folder / "scheduler.pt"))
         self.mem.load_memory(folder / "memory.safetensors")
@@ -638,6 +835,8 @@ class Trainer:
         torch.set_rng_state(_load_plain(folder / "torch_rng.pt"))
         self._rng = random.Random()
         self._rng.setstate(_rng_from_json(state["python_rng"]))
+        if "path_rng" in state:
+            self._path_rng.setstate(_rng_from_json(state["path_rng"]))
         self.step = int(state["step"])
         self._position = int(state["position"])
         self.history = [TrainLog(**r) for r in state.get("history", [])]
