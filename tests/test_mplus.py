@@ -107,6 +107,65 @@ def test_retrieval_brings_back_exactly_k_distinct_entries_oldest_first():
         assert bool((ages[1:] <= ages[:-1]).all())
 
 
+def _training_free(family="llama", **retriever):
+    return memkit.wrap(
+        tiny_model(family),
+        "training-free",
+        chunk_size=16,
+        retrieve=12,
+        pool={"capacity": 16, "write_size": 16},
+        injector={"write_context": 16},
+        store={"capacity": 200, "merge_every": 2},
+        retriever=retriever,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@torch.no_grad()
+def test_the_attention_retriever_scores_by_the_attention_mass_each_query_head_gives_an_entry(family):
+    mem = _training_free(family)
+    for _ in range(6):
+        mem.inject(torch.randint(5, 100, (1, 16)))
+    retriever, store = mem.retriever, mem.store
+    hidden = torch.randn(7, mem.backbone.hidden_size)
+    queries = retriever._queries(1, hidden)  # [n, H, e]
+    keys = store.keys(1).float().view(store.size(1), retriever.kv_heads, retriever.head_dim)
+    group = retriever.heads // retriever.kv_heads
+    mass = torch.zeros(store.size(1))
+    for h in range(retriever.heads):  # head h reads key head h // group
+        logits = queries[:, h] @ keys[:, h // group].T / retriever.head_dim**0.5  # [n, m]
+        mass += logits.softmax(dim=-1).sum(dim=0)
+    torch.testing.assert_close(retriever._mass(queries, store.keys(1)), mass)
+    expected = set(mass.topk(12).indices.tolist())
+    assert set(retriever.select(1, hidden, store, 12).tolist()) == expected
+
+
+@torch.no_grad()
+def test_block_retrieval_returns_the_best_runs_of_consecutive_entries_whole():
+    torch.manual_seed(0)
+    mem = _training_free(block=6)
+    for _ in range(6):
+        mem.inject(torch.randint(5, 100, (1, 16)))
+    retriever, store = mem.retriever, mem.store
+    size = store.size(0)
+    assert size % 6 != 0  # the store's last run is short
+    hidden = torch.randn(7, mem.backbone.hidden_size)
+    mass = retriever._mass(retriever._queries(0, hidden), store.keys(0))
+    runs = torch.zeros(-(-size // 6)).index_add_(0, torch.arange(size) // 6, mass)
+    expected: list[int] = []  # runs of 6 stored entries, best first, until 12 ids (the last run cut short)
+    for run in runs.argsort(descending=True).tolist():
+        expected += range(run * 6, min(run * 6 + 6, size))
+        if len(expected) >= 12:
+            break
+    ids = retriever.select(0, hidden, store, 12)
+    assert len(set(ids.tolist())) == 12
+    assert set(ids.tolist()) == set(expected[:12])
+    ages = store.ages(0, ids)
+    assert bool((ages[1:] <= ages[:-1]).all()), "oldest first, as M+ places them"
+    # retrieval of every entry in runs still returns exactly k distinct ids (the short last run included)
+    assert len(set(retriever.select(0, hidden, store, size).tolist())) == size
+
+
 @torch.no_grad()
 def test_each_row_of_a_batch_retrieves_for_itself():
     mem = _mplus()

@@ -32,12 +32,26 @@ class AttentionRetriever(Retriever):
     would give it if it attended to the proposals alone:
     ``s_j = mean over tokens t and heads h of softmax_j(q_th . k_j,g(h) / sqrt(e))``, where ``g(h)`` is
     the key head that head ``h`` reads (grouped-query attention). The top ``k`` are returned oldest first.
+
+    With ``block = B > 1`` it returns passages instead of single entries: the store's entries, in the
+    order they were stored, are cut into runs of ``B`` (``ids // B``), a run's score is the sum of its
+    scored entries' scores, and the best runs come back whole (the last one cut short to make ``k``).
+    Consecutive stored entries are consecutive tokens of the injected text, so the model reads
+    coherent passages rather than tokens picked one by one from everywhere.
     """
 
     name = "attention"
 
     class Config(MemkitConfig):
         token_block: int = Field(16, gt=0, description="prompt tokens scored at once (bounds memory use)")
+        block: int = Field(
+            1,
+            gt=0,
+            description=(
+                "retrieve runs of this many consecutive stored entries (passages of the injected text), "
+                "scored by their summed attention mass; 1 retrieves single entries"
+            ),
+        )
 
     config: Config
 
@@ -79,18 +93,37 @@ class AttentionRetriever(Retriever):
             return torch.zeros(0, dtype=torch.long)
         queries = self._queries(layer, hidden)  # [n, H, e]
         ids = store.candidates(layer, self._in_key_space(queries), want)
-        # c candidates, g key heads, r query heads per key head, e head dim
-        keys = einops.repeat(
-            store.keys(layer, ids).float(), "c (g e) -> c (g r) e", g=self.kv_heads, r=self.heads // self.kv_heads
-        )
-        scale = 1.0 / math.sqrt(self.head_dim)
-        mass = torch.zeros(keys.shape[0])
-        for start in range(0, queries.shape[0], self.config.token_block):
-            q = queries[start : start + self.config.token_block]  # [b, H, e]
-            logits = torch.einsum("bhe,che->bhc", q, keys) * scale
-            mass += logits.softmax(dim=-1).sum(dim=(0, 1))
-        chosen = ids[mass.topk(min(want, len(ids))).indices]
+        mass = self._mass(queries, store.keys(layer, ids))
+        if self.config.block == 1:
+            chosen = ids[mass.topk(min(want, len(ids))).indices]
+        else:
+            chosen = self._best_runs(ids, mass, store.size(layer), want)
         return oldest_first(chosen, store.ages(layer, chosen))
+
+    def _mass(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Attention mass ``[c]`` of keys ``[c, kv_heads * e]`` for queries ``[n, H, e]``, summed over
+        tokens and heads (a softmax over the ``c`` keys per token and head)."""
+        # b tokens, g key heads, r query heads per key head, c keys, e head dim
+        keys = einops.rearrange(keys.float(), "c (g e) -> g e c", g=self.kv_heads)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        mass = torch.zeros(keys.shape[-1])
+        for start in range(0, queries.shape[0], self.config.token_block):
+            q = einops.rearrange(
+                queries[start : start + self.config.token_block], "b (g r) e -> g (b r) e", g=self.kv_heads
+            )
+            logits = torch.bmm(q, keys) * scale  # [g, b * r, c]
+            mass += logits.softmax(dim=-1).sum(dim=(0, 1))
+        return mass
+
+    def _best_runs(self, ids: torch.Tensor, mass: torch.Tensor, size: int, want: int) -> torch.Tensor:
+        """The ``want`` ids of the best-scored runs of ``block`` consecutive ids (``ids // block``), the
+        last run cut short; a run's score is the summed ``mass`` of its scored ``ids``."""
+        block = self.config.block
+        runs = torch.zeros((size + block - 1) // block).index_add_(0, ids // block, mass)
+        # best first; one run more than want needs, as the last run of the store may be short
+        order = runs.topk(min(len(runs), -(-want // block) + 1)).indices
+        members = (order[:, None] * block + torch.arange(block)).reshape(-1)
+        return members[members < size][:want]
 
 
 @hookimpl
