@@ -123,7 +123,7 @@ def _training_free(family="llama", **retriever):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @torch.no_grad()
 def test_the_attention_retriever_scores_by_the_attention_mass_each_query_head_gives_an_entry(family):
-    mem = _training_free(family)
+    mem = _training_free(family, block=1)  # single entries (the recipe retrieves passages)
     for _ in range(6):
         mem.inject(torch.randint(5, 100, (1, 16)))
     retriever, store = mem.retriever, mem.store
