@@ -392,9 +392,10 @@ class Trainer:
             module.unshard()  # type: ignore[operator]
         handles = []
         try:
-            if track:
-                for name, p in self._trainable_groups()["memory"] + self._trainable_groups()["retriever"]:
-                    handles.append(p.register_hook(lambda grad, name=name: self._used.add(name)))
+            if track:  # the gathered parameters, which is what autograd reaches in the block
+                for group in self._trainable_groups().values():
+                    for name, p in group:
+                        handles.append(p.register_hook(lambda grad, name=name: self._used.add(name)))
             yield
         finally:
             for handle in handles:
