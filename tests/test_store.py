@@ -34,7 +34,15 @@ class HnswProjected(HnswStore):
         index_dims: int | None = Field(2, description="index 2 principal coordinates of each key")
 
 
-STORES = [ExactStore, HnswStore, HnswNoCopy, HnswProjected]
+class HnswPrefiltered(HnswStore):
+    """The hnsw store with ``index_dims=2`` and ``prefilter=1.5`` (a projected-key column)."""
+
+    class Config(HnswStore.Config):
+        index_dims: int | None = Field(2, description="index 2 principal coordinates of each key")
+        prefilter: float | None = Field(1.5, description="keep the best 1.5 k of the fetched neighbours")
+
+
+STORES = [ExactStore, HnswStore, HnswNoCopy, HnswProjected, HnswPrefiltered]
 D, KEY = 6, 4
 
 
@@ -672,6 +680,93 @@ def test_hnsw_with_index_dims_refits_after_a_load_and_finds_the_top_k() -> None:
 def test_hnsw_index_dims_without_key_copy_is_refused() -> None:
     with pytest.raises(RecipeError, match="index_dims needs key_copy"):
         make(HnswNoCopy, index_dims=2)
+
+
+def test_hnsw_prefilter_without_index_dims_is_refused() -> None:
+    with pytest.raises(RecipeError, match="prefilter .* index_dims"):
+        make(HnswStore, prefilter=1.5)
+    with pytest.raises(ValidationError):
+        make(HnswProjected, prefilter=0.5)
+
+
+def _probit_estimate(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``mean(q) . k / sqrt(1 + pi/8 * var_q(q . k))`` for keys ``[c, r]`` and queries ``[q, r]``."""
+    dots = keys @ queries.T  # [c, q]
+    return dots.mean(dim=1) / torch.sqrt(1 + math.pi / 8 * dots.var(dim=1, unbiased=False))
+
+
+def test_hnsw_prefilter_keeps_the_fetched_neighbours_of_best_estimated_score() -> None:
+    """Same data and graph with and without ``prefilter``: the prefiltered proposals are exactly the
+    best ``ceil(prefilter * k)`` of the full proposals by the probit estimate on the projected keys,
+    and they still hold the exact top-k."""
+    n, dim, k = 4000, 32, 64
+    plain, queries = _fill_low_rank(n, dim, seed=3, index_dims=8, overfetch=4.0)
+    pre, _ = _fill_low_rank(n, dim, seed=3, index_dims=8, overfetch=4.0, prefilter=1.5)
+    every = plain.candidates(0, queries, k)
+    kept = pre.candidates(0, queries, k)
+    assert len(every) == 256 and len(kept) == math.ceil(1.5 * k)
+    assert torch.equal(kept, torch.sort(kept).values) and len(set(kept.tolist())) == len(kept)
+    basis = pre._layers[0].aux.basis
+    estimate = _probit_estimate(pre.keys(0, every).float() @ basis, queries @ basis)
+    assert set(kept.tolist()) == set(every[estimate.topk(len(kept)).indices].tolist())
+    exact_top = mean_sigmoid_scores(queries, pre.keys(0)).topk(k).indices
+    assert _recall(pre, queries, k, exact_top) >= 0.95
+    # a small k fetches min_fetch (256 > 4 * 8): the prefilter keeps the same share of it, 1.5 / 4
+    assert pre.fetch_size(8) == 256 and pre.prefilter_size(8) == 96 == len(pre.candidates(0, queries, 8))
+    assert plain.prefilter_size(8) == 256
+
+
+def test_hnsw_prefilter_finds_more_of_the_top_k_than_the_mean_query_at_equal_scoring_work() -> None:
+    """Queries from two sub-topics: the mean query's top 2k misses part of the exact top-k; fetching 6k
+    and keeping the 2k of best estimate misses less."""
+    n, dim, k = 6000, 32, 128
+    keys, _ = _low_rank(n, dim, seed=11)
+    gen = torch.Generator().manual_seed(2)
+    basis = torch.linalg.svd(keys, full_matrices=False).Vh[:8].T
+    topics = torch.randn(2, 8, generator=gen)
+    queries = (topics[torch.arange(16) % 2] + 0.5 * torch.randn(16, 8, generator=gen)) @ basis.T
+    recalls = {}
+    for name, config in (("mean", {"overfetch": 2.0}), ("prefilter", {"overfetch": 6.0, "prefilter": 2.0})):
+        store = HnswStore(
+            HnswStore.Config(capacity=n, merge_every=3, min_fetch=0, num_threads=1, index_dims=8, **config),
+            num_layers=1,
+            hidden_size=2,
+            key_size=dim,
+        )
+        zeros = torch.zeros(n, dtype=torch.long)
+        store.add(0, StoreEntries(torch.zeros(n, 2), keys, zeros, zeros))
+        assert len(store.candidates(0, queries, k)) == 2 * k
+        exact_top = mean_sigmoid_scores(queries, keys).topk(k).indices
+        recalls[name] = _recall(store, queries, k, exact_top)
+    assert recalls["mean"] < 0.9
+    assert recalls["prefilter"] >= 0.95
+
+
+def test_hnsw_prefilter_projected_keys_follow_refits_and_loads() -> None:
+    """The projected-key column always holds the keys' coordinates on the current principal directions:
+    after each refit (the layer doubling), after evictions, and after a load."""
+    n, dim = 3000, 24
+    keys, _ = _low_rank(n, dim, seed=2)
+    config = HnswStore.Config(capacity=2000, merge_every=4, num_threads=1, index_dims=6, prefilter=1.2)
+    store = HnswStore(config, num_layers=1, hidden_size=2, key_size=dim)
+    gen = torch.Generator().manual_seed(0)
+    bases = []
+    for start in range(0, n, 200):
+        ages = torch.randint(0, 5000, (200,), generator=gen)
+        store.add(0, StoreEntries(keys[start : start + 200, :2].clone(), keys[start : start + 200], ages, ages))
+        store.advance(200)
+        aux = store._layers[0].aux
+        if not bases or not torch.equal(bases[-1], aux.basis):
+            bases.append(aux.basis.clone())
+        lyr = store._layers[0]
+        expected = lyr.column("keys").float() @ aux.basis
+        assert torch.allclose(lyr.column("projected").float(), expected, atol=1e-5)
+    assert len(bases) >= 3 and store.evicted(0) == n - 2000
+    loaded = HnswStore(config, num_layers=1, hidden_size=2, key_size=dim)
+    loaded.load_state_dict(store.state_dict())
+    lyr = loaded._layers[0]
+    assert torch.allclose(lyr.column("projected").float(), lyr.column("keys").float() @ lyr.aux.basis, atol=1e-5)
+    assert "layers.0.merged.projected" not in store.state_dict()  # derived, not saved
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ merging, capacity, eviction, ages and persistence: both derive from
 graph, from which it proposes candidates.
 
 Memory per entry: its vector, 16 bytes of age and source, an 8-byte label, its key (with
-``key_copy``, the default) and its index node: hnswlib keeps every indexed vector as float32
-(``4 * key_size`` bytes, 4 more in the ``"mips-l2"`` space), about ``8 * M`` bytes of links and some
-bookkeeping. Without ``key_copy`` the keys are read back from the index (exactly: float32 holds every
-storage dtype's values), which removes the tensor copy but is slow, because hnswlib 0.8's
-``get_items`` goes through Python lists (about 25 us per key of width 256): fine for
-:meth:`~HnswStore.state_dict` or :meth:`~HnswStore.entries`, too slow for scoring thousands of
-candidates per prompt. ``benchmarks/store_scaling.py`` measures both against the entry's raw bytes.
+``key_copy``, the default), its projected key (with ``prefilter``) and its index node: hnswlib keeps
+every indexed vector as float32 (``4 * key_size`` bytes, 4 more in the ``"mips-l2"`` space), about
+``8 * M`` bytes of links and some bookkeeping. Without ``key_copy`` the keys are read back from the
+index (exactly: float32 holds every storage dtype's values), which removes the tensor copy but is
+slow, because hnswlib 0.8's ``get_items`` goes through Python lists (about 25 us per key of width
+256): fine for :meth:`~HnswStore.state_dict` or :meth:`~HnswStore.entries`, too slow for scoring
+thousands of candidates per prompt. ``benchmarks/store_scaling.py`` measures both against the entry's raw bytes.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class _LayerIndex:
     insertion order) carry increasing labels, and a label's row is found by binary search.
     """
 
-    __slots__ = ("basis", "bound", "deleted", "fitted_on", "index", "next_label")
+    __slots__ = ("basis", "bound", "deleted", "fitted_on", "index", "labels", "next_label")
 
     def __init__(self) -> None:
         self.index: Any = None
@@ -53,6 +53,7 @@ class _LayerIndex:
         self.bound = 0.0  # "mips-l2": the norm every indexed key is padded to
         self.basis: torch.Tensor | None = None  # index_dims: [key_size, index_dims] float32, orthonormal columns
         self.fitted_on = 0  # index_dims: how many keys the basis was fitted on
+        self.labels: np.ndarray | None = None  # the live rows' labels in row order; None after a change
 
 
 class HnswStore(StagedStore):
@@ -85,6 +86,18 @@ class HnswStore(StagedStore):
     what the dropped directions carry. The directions are fitted on the layer's first keys and refitted
     (the index rebuilt) each time the layer doubles, until they were fitted on :data:`FIT_ROWS` keys;
     after a load they are fitted on the loaded keys. Needs ``key_copy``.
+
+    **Prefilter.** With ``prefilter = f`` (needs ``index_dims``), the store also keeps each key's
+    projected coordinates (a ``projected`` column of ``r`` values in the storage dtype, ``2r`` or
+    ``4r`` bytes per entry) and cuts the neighbours fetched down to the ``ceil(f * k)`` that an
+    estimate of M+'s score ranks best (the same share, ``f / overfetch``, of a fetch that ``min_fetch``
+    raises), so that fewer are scored exactly. The estimate treats
+    ``x = q . k`` over the prompt's (projected) queries as a normal variable of mean
+    ``mu = mean(q) . k`` and variance ``v = k^T C k`` (``C`` the queries' covariance), for which
+    ``E[sigmoid(x)] ~ sigmoid(mu / sqrt(1 + pi v / 8))`` (the probit approximation of the logistic-normal
+    integral), and ranks by that argument. Unlike the mean query's ranking it sees how far the prompt's
+    queries spread along each key, which is where the sigmoid bends; so the fetch can be larger for the
+    same exact-scoring work. It is specific to M+'s mean-sigmoid score: with another score leave it unset.
 
     **Keys.** With ``key_copy`` (the default) the keys are also kept as a tensor in the storage dtype,
     which :meth:`get`, :meth:`keys` and :meth:`entries` read. Without it they are read back from the
@@ -167,6 +180,15 @@ class HnswStore(StagedStore):
             ),
             gt=0,
         )
+        prefilter: float | None = Field(
+            None,
+            description=(
+                "with index_dims: rank the neighbours fetched by an estimate of M+'s mean-sigmoid score from their "
+                "projected keys and propose only the best ceil(prefilter * k) (the same share of the fetch when "
+                "min_fetch raises it); cuts exact scoring; None proposes every neighbour fetched"
+            ),
+            ge=1.0,
+        )
         key_copy: bool = Field(
             True,
             description=(
@@ -183,7 +205,13 @@ class HnswStore(StagedStore):
                 "hnsw store: index_dims needs key_copy=True (the index then holds projected keys, from which "
                 "the full keys cannot be read back); set key_copy: true or drop index_dims"
             )
-        self.extra_columns = ("labels", "keys") if config.key_copy else ("labels",)
+        if config.prefilter is not None and config.index_dims is None:
+            raise RecipeError(
+                "hnsw store: prefilter ranks candidates by their projected keys, which only index_dims keeps; "
+                "set index_dims (e.g. 32) or drop prefilter"
+            )
+        columns = ("labels", "keys") if config.key_copy else ("labels",)
+        self.extra_columns = (*columns, "projected") if config.prefilter is not None else columns
         super().__init__(config, num_layers=num_layers, hidden_size=hidden_size, key_size=key_size)
 
     # -- hooks --------------------------------------------------------------------------------------
@@ -195,6 +223,8 @@ class HnswStore(StagedStore):
         extra = {"labels": torch.zeros(0, dtype=torch.int64)}
         if self.config.key_copy:
             extra["keys"] = torch.zeros(0, self.key_size, dtype=self.dtype)
+        if self.config.prefilter is not None:
+            extra["projected"] = torch.zeros(0, self._index_width(), dtype=self.dtype)
         return extra
 
     def _threads(self) -> int:
@@ -202,6 +232,7 @@ class HnswStore(StagedStore):
 
     def _admit(self, layer: _Layer, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         aux: _LayerIndex = layer.aux
+        aux.labels = None
         m = int(keys.shape[0])
         keys32 = keys.to(torch.float32)
         refit = self._refit_due(layer, m)
@@ -209,6 +240,10 @@ class HnswStore(StagedStore):
             live = layer.column("keys").float()
             aux.basis = self._principal_directions(torch.cat([live, keys32]))
             aux.fitted_on = int(live.shape[0]) + m
+            if self.config.prefilter is not None:  # every stored row (dead ones too) in the new coordinates
+                for block in layer.blocks:
+                    stored = block.columns["keys"].float()
+                    block.columns = {**block.columns, "projected": (stored @ aux.basis).to(self.dtype)}
         points32 = self._project(aux, keys32)
         longest = float(torch.linalg.vector_norm(points32, dim=1).max()) if self.config.space == "mips-l2" else 0.0
         if refit and aux.index is not None:  # new coordinates: re-index the live entries
@@ -233,7 +268,10 @@ class HnswStore(StagedStore):
         index.add_items(points, labels.numpy(), num_threads=self._threads(), replace_deleted=True)
         aux.next_label += m
         aux.deleted -= min(m, aux.deleted)
-        return {"labels": labels, "keys": keys} if self.config.key_copy else {"labels": labels}
+        extra = {"labels": labels, "keys": keys} if self.config.key_copy else {"labels": labels}
+        if self.config.prefilter is not None:
+            extra["projected"] = points32.to(self.dtype)
+        return extra
 
     def _refit_due(self, layer: _Layer, m: int) -> bool:
         """Whether ``index_dims``'s directions are (re)fitted before ``m`` more keys enter ``layer``."""
@@ -299,6 +337,7 @@ class HnswStore(StagedStore):
 
     def _forget(self, layer: _Layer, extra: dict[str, torch.Tensor]) -> None:
         aux: _LayerIndex = layer.aux
+        aux.labels = None
         for label in extra["labels"].tolist():
             aux.index.mark_deleted(label)
         aux.deleted += int(extra["labels"].numel())
@@ -325,6 +364,20 @@ class HnswStore(StagedStore):
         """How many neighbours of the mean query :meth:`candidates` asks for, for top-``k`` retrieval."""
         return max(math.ceil(self.config.overfetch * k), self.config.min_fetch, k)
 
+    def prefilter_size(self, k: int) -> int:
+        """How many of the :meth:`fetch_size` neighbours ``prefilter`` keeps for top-``k`` retrieval:
+        ``ceil(prefilter * k)``, or the same share of the fetch when ``min_fetch`` raises it above
+        ``overfetch * k``; at least ``k``. Without ``prefilter``: the whole fetch."""
+        fetch = self.fetch_size(k)
+        if self.config.prefilter is None:
+            return fetch
+        prefilter, overfetch = self.config.prefilter, self.config.overfetch
+        if fetch <= math.ceil(overfetch * k):
+            keep = math.ceil(prefilter * k)
+        else:  # min_fetch raised the fetch
+            keep = math.ceil(prefilter * fetch / overfetch)
+        return min(fetch, max(k, keep))
+
     def candidates(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
         """Sorted ids ``[c]`` proposed for top-``k`` retrieval with ``queries`` ``[q, key_size]``.
 
@@ -348,7 +401,8 @@ class HnswStore(StagedStore):
         if not searches:  # k = 0 with min_fetch = 0 and no per-query search: nothing is asked for
             return torch.zeros(0, dtype=torch.int64)
         if n <= max(self.config.ef_search, fetch):
-            return self._exact_neighbours(layer, queries, [(True, fetch), (False, per_query)])
+            exact = self._exact_neighbours(layer, queries, [(True, fetch), (False, per_query)])
+            return self._prefiltered(lyr, exact, q[:, : self._index_width()], k)
         threads = self._threads()
         found = []
         try:
@@ -361,11 +415,34 @@ class HnswStore(StagedStore):
         # One search returns distinct labels: sorting them is enough (cheaper than unique). numpy's sort
         # and binary search are about twice as fast as torch's at these sizes (thousands of labels).
         wanted = np.sort(found[0]) if len(found) == 1 else np.unique(np.concatenate(found))
-        all_labels = lyr.column("labels").numpy()
+        if aux.labels is None:  # kept until rows enter or leave (a merge moves none): no copy per search
+            aux.labels = lyr.column("labels").numpy()
+        all_labels = aux.labels
         rows = np.searchsorted(all_labels, wanted)  # sorted, as `wanted` and `all_labels` are
         if rows.size and (int(rows[-1]) >= n or not np.array_equal(all_labels[rows], wanted)):
             raise RuntimeError("hnsw store: the index proposed a label the store does not hold; this is a bug")
-        return torch.from_numpy(rows)
+        return self._prefiltered(lyr, torch.from_numpy(rows), q[:, : self._index_width()], k)
+
+    def _prefiltered(self, lyr: _Layer, ids: torch.Tensor, projected_queries: torch.Tensor, k: int) -> torch.Tensor:
+        """With ``prefilter``: the best :meth:`prefilter_size` of the sorted ``ids`` ``[c]`` by the estimate
+        of M+'s score described in the class docstring, still sorted; else (or if no more than that) ``ids``.
+
+        ``projected_queries`` ``[q, r]`` float32 are the queries in the index's coordinates.
+        """
+        if self.config.prefilter is None:
+            return ids
+        keep = self.prefilter_size(k)
+        if ids.numel() <= keep:
+            return ids
+        keys = self._gather(lyr, ids, ("projected",))["projected"].float()  # [c, r]
+        mean = projected_queries.mean(dim=0, keepdim=True)  # [1, r]
+        centred = projected_queries - mean
+        covariance = centred.T @ centred / projected_queries.shape[0]  # [r, r]
+        both = keys @ torch.cat([mean.T, covariance], dim=1)  # [c, 1 + r]
+        mu = both[:, 0]  # [c]: the mean of q . k over the prompt's queries
+        var = (both[:, 1:] * keys).sum(dim=1)  # [c]: its variance, k^T C k
+        estimate = mu * torch.rsqrt(var.mul_(math.pi / 8).add_(1))
+        return torch.sort(ids[estimate.topk(keep, sorted=False).indices]).values
 
     def _exact_neighbours(self, layer: int, queries: torch.Tensor, searches: list[tuple[bool, int]]) -> torch.Tensor:
         """Sorted ids of the exact top inner products: per ``(use_mean_query, count)`` search, unioned."""
