@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny random models per family, and the real SmolLM2 for the slow tests."""
+"""Shared fixtures: tiny random models per family, the real SmolLM2 for the slow tests, and threads."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,3 +23,11 @@ def smollm2():
     from memkit.local_models import load_smollm2
 
     return load_smollm2()
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    """Restores torch's thread count after a test that sets it (the benchmark scripts' ``--threads``)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -1,7 +1,11 @@
-"""Test helpers: an independent reference for reading memory."""
+"""Test helpers: an independent reference for reading memory, and loading the benchmark scripts."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -105,3 +109,14 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
             assert value.dtype == after[key].dtype and torch.equal(value, after[key]), f"{key} changed"
         else:
             assert value == after[key], f"{key} changed"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"memkit_benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
