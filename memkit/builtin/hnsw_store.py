@@ -384,7 +384,8 @@ class HnswStore(StagedStore):
         Every id when the layer holds at most :meth:`fetch_size` entries; else the neighbours of the
         mean query (and of each query, with ``per_query``), see the class docstring. When the layer holds
         no more entries than a search would visit anyway (``ef``), they are scored exactly instead of
-        through the graph: as cheap, and exact even where deletions have cut the graph apart.
+        through the graph: as cheap, and exact even where deletions have cut the graph apart. With
+        ``prefilter``, the neighbours are then cut to the :meth:`prefilter_size` of best estimated score.
         """
         lyr = self._layer(layer)
         self._check_queries(queries, k)
