@@ -26,7 +26,7 @@ Run ``python benchmarks/store_scaling.py`` (full: 150,000 entries per layer; abo
 7 GB on 2 cores, mostly building the hnsw indexes) or ``--quick``; the JSON report goes to ``--out``.
 The default variants are hnswlib's defaults in both spaces, without ``key_copy``, and the settings that
 come closest to M+'s scaling aims at ``k = 2560`` (``M`` 8, ``overfetch`` 2.2, ``index_dims`` 32,
-``prefilter`` 1.2: 8.1x to 10.6x faster than exact over five runs, recall 0.960, 1.046x raw bytes; see
+``prefilter`` 1.2: 8.1x to 10.6x faster than exact over six runs, recall 0.960, 1.046x raw bytes; see
 the recipes page).
 """
 
