@@ -113,8 +113,10 @@ class HnswStore(StagedStore):
     **Persistence.** :meth:`state_dict` saves the keys (read back from the index), not the index:
     :meth:`load_state_dict` rebuilds the index from them, inserting rows in order. The rebuilt graph
     can differ from the one that grew through adds and evictions, so proposals after a round trip
-    can differ where the search is not exhaustive; with ``num_threads=1`` the rebuild is
-    deterministic, so two loads of the same state propose the same candidates.
+    can differ where the search is not exhaustive (with ``index_dims`` the directions are refitted on
+    the loaded keys, so with ``prefilter`` even an exhaustive search's cut can differ); with
+    ``num_threads=1`` the rebuild is deterministic, so two loads of the same state propose the same
+    candidates. The ``projected`` column is not saved either: a load computes it.
     """
 
     name = "hnsw"

@@ -12,6 +12,7 @@ A record is ``(u, age, source, staged)``; the model keeps one list of records pe
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -54,17 +55,21 @@ class Setup:
                 hidden_size=self.d,
                 key_size=self.key_size,
             )
-        # min_fetch=0 and overfetch=1 so that small stores search the index instead of proposing all
+        # min_fetch=0 and overfetch=1 so that small stores search the index instead of proposing all;
+        # "hnsw-prefilter" fetches 2k and keeps the k of best estimate
+        prefilter = self.kind == "hnsw-prefilter"
         config = HnswStore.Config(
             capacity=self.capacity,
             merge_every=self.merge_every,
             M=4,
             ef_construction=32,
             min_fetch=0,
-            overfetch=1.0,
+            overfetch=2.0 if prefilter else 1.0,
             num_threads=1,
             space=self.space,
-            key_copy=self.kind == "hnsw",
+            key_copy=self.kind != "hnsw-no-key-copy",
+            index_dims=max(1, self.key_size - 1) if prefilter else None,
+            prefilter=1.0 if prefilter else None,
         )
         return HnswStore(config, num_layers=self.layers, hidden_size=self.d, key_size=self.key_size)
 
@@ -72,7 +77,7 @@ class Setup:
 @st.composite
 def setups(draw: st.DrawFn) -> Setup:
     return Setup(
-        kind=draw(st.sampled_from(["exact", "hnsw", "hnsw-no-key-copy"])),
+        kind=draw(st.sampled_from(["exact", "hnsw", "hnsw-no-key-copy", "hnsw-prefilter"])),
         layers=draw(st.integers(1, 2)),
         d=draw(st.integers(1, 3)),
         key_size=draw(st.integers(1, 4)),
@@ -215,13 +220,25 @@ class StoreMachine(RuleBasedStateMachine):
         assert len(cands) >= min(k, n), "a store proposes at least k entries when it holds k"
         if len(cands):
             assert int(cands.min()) >= 0 and int(cands.max()) < n
-        if isinstance(store, ExactStore) or n <= k:
+        if isinstance(store, ExactStore) or n <= store.fetch_size(k):
             assert torch.equal(cands, torch.arange(n))
         else:
-            # Small graphs are searched exhaustively: the proposals are the exact k best inner products
-            # with the mean query (k = fetch size here, overfetch=1 and min_fetch=0).
+            # Small graphs are searched exhaustively: the neighbours fetched are the exact fetch_size(k)
+            # best inner products with the mean query (k, or 2k with the prefilter; min_fetch=0).
             dots = whole.keys.double() @ queries.double().mean(0)
-            assert set(cands.tolist()) == set(dots.topk(k).indices.tolist())
+            fetched = dots.topk(store.fetch_size(k)).indices
+            if store.config.prefilter is None:
+                assert set(cands.tolist()) == set(fetched.tolist())
+            else:  # the prefilter keeps the k of best probit estimate on the projected keys
+                assert set(cands.tolist()) <= set(fetched.tolist()) and len(cands) == store.prefilter_size(k) == k
+                basis = store._layers[layer].aux.basis
+                projected = whole.keys.float() if basis is None else whole.keys.float() @ basis
+                q = queries.float() if basis is None else queries.float() @ basis
+                x = projected[fetched] @ q.T  # [fetch, queries]
+                estimate = x.mean(1) / torch.sqrt(1 + math.pi / 8 * x.var(1, unbiased=False))
+                kept = torch.isin(fetched, cands)
+                if bool((~kept).any()):
+                    assert float(estimate[kept].min()) >= float(estimate[~kept].max()) - 1e-4
         ids = torch.tensor(data.draw(st.lists(st.integers(0, max(n - 1, 0)), max_size=6 if n else 0)), dtype=torch.long)
         got = store.get(layer, ids)
         for a, b in zip((got.vectors, got.keys, got.ages, got.sources), whole_rows(whole, ids), strict=True):
@@ -313,7 +330,14 @@ class StoreMachine(RuleBasedStateMachine):
             assert fresh.size(layer) == store.size(layer) and fresh.staged(layer) == store.staged(layer)
             assert fresh.evicted(layer) == store.evicted(layer)
             for k in (1, 3):
-                assert torch.equal(fresh.candidates(layer, queries, k), store.candidates(layer, queries, k))
+                if self.setup.kind == "hnsw-prefilter":
+                    # A load refits index_dims's directions on the loaded keys, and the prefilter's estimate
+                    # is taken in them: proposals may differ from the grown store's, not between loads.
+                    again = self.setup.store()
+                    again.load_state_dict(state_copy(store))
+                    assert torch.equal(fresh.candidates(layer, queries, k), again.candidates(layer, queries, k))
+                else:
+                    assert torch.equal(fresh.candidates(layer, queries, k), store.candidates(layer, queries, k))
         assert fresh.updates == store.updates
         self.store = fresh  # from now on the loaded copy must behave like the original
 
