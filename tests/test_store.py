@@ -34,11 +34,10 @@ class HnswProjected(HnswStore):
         index_dims: int | None = Field(2, description="index 2 principal coordinates of each key")
 
 
-class HnswPrefiltered(HnswStore):
-    """The hnsw store with ``index_dims=2`` and ``prefilter=1.5`` (a projected-key column)."""
+class HnswPrefiltered(HnswProjected):
+    """:class:`HnswProjected` with ``prefilter=1.5`` (a projected-key column)."""
 
-    class Config(HnswStore.Config):
-        index_dims: int | None = Field(2, description="index 2 principal coordinates of each key")
+    class Config(HnswProjected.Config):
         prefilter: float | None = Field(1.5, description="keep the best 1.5 k of the fetched neighbours")
 
 
